@@ -1,0 +1,1 @@
+"""Ponder exporters (see DESIGN.md section 1)."""

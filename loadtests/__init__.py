@@ -1,0 +1,1 @@
+"""Ponder loadtests (see DESIGN.md section 1)."""

@@ -1,0 +1,36 @@
+"""`ponder <subcommand>`: dispatches to the package that owns each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ponder import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime import cli as runtime_cli
+    from training import cli as training_cli
+
+    parser = argparse.ArgumentParser(prog="ponder", description="Serve and train adaptive-compute language models.")
+    parser.add_argument("--version", action="version", version=f"ponder {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    runtime_cli.add_parsers(sub)
+    training_cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"ponder {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ponder runtime: the model, checkpoints and (later) the engine that serves them."""

@@ -1,0 +1,40 @@
+"""Device and dtype selection: --device auto|cpu|cuda|mps, --dtype float32|bfloat16|float16."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available in this torch build or on this machine; "
+                             "use --device cpu or auto")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps: MPS is not available here (it needs Apple silicon); use --device cpu or auto")
+        return torch.device("mps")
+    raise ValueError(f"--device {name!r} must be one of auto, cpu, cuda, cuda:N, mps")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} must be one of float32, bfloat16, float16")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("--dtype float16 is not supported on CPU (matmuls are slow or missing); use bfloat16 or float32")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("--dtype bfloat16 is not supported on this GPU; use float16 or float32")
+    return dtype

@@ -1,0 +1,1 @@
+"""Ponder server (see DESIGN.md section 1)."""

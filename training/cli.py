@@ -1,0 +1,90 @@
+"""`ponder train` and `ponder eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TRAIN_DEFAULTS = {
+    # task: (preset, overrides of TrainConfig)
+    "digits": ("digits-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
+    "modadd": ("modadd-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
+    "austen": ("austen-small", dict(steps=650, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,
+                                    warmup=50, full_depth_steps=100, log_every=10, save_every=100)),
+}
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a routed/recurrent/fixed model from scratch on a task")
+    p.add_argument("--task", choices=sorted(TRAIN_DEFAULTS), required=True)
+    p.add_argument("--out", required=True, help="run directory (resumes from OUT/last if present)")
+    p.add_argument("--preset", help="model preset (default per task)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a model config field, e.g. --set schedule='\"recurrent\"' --set max_depth=8")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--audit-fraction", type=float)
+    p.add_argument("--full-depth-steps", type=int, help="warm-up steps with every batch at full depth")
+    p.add_argument("--no-exit-training", action="store_true",
+                   help="train a dense baseline: every batch at full depth, no value head or price")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 instead of bf16 autocast")
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint at compute budgets; prints a table, writes JSON and a PNG")
+    e.add_argument("checkpoint")
+    e.add_argument("--task", choices=sorted(TRAIN_DEFAULTS), required=True)
+    e.add_argument("--budgets", default="1.0,0.75,0.5,0.25")
+    e.add_argument("--baseline", help="a dense checkpoint of equal parameters to compare at full depth")
+    e.add_argument("--max-tokens", type=int, default=65_536, help="held-out tokens to score (text tasks)")
+    e.add_argument("--out", default="eval", help="output prefix for .json and .png")
+    e.set_defaults(func=run_eval)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from training.tasks import make_task
+    from training.trainer import TrainConfig, Trainer
+
+    preset, defaults = TRAIN_DEFAULTS[args.task]
+    fields = dict(defaults, task=args.task, preset=args.preset or preset, seed=args.seed, device=args.device,
+                  model_overrides=_parse_overrides(args.set))
+    for name in ("steps", "batch_size", "lr", "audit_fraction", "full_depth_steps"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.no_exit_training:
+        fields.update(audit_fraction=1.0, value_weight=0.0, ds_weight=0.0)
+    if args.no_bf16:
+        fields["bf16_autocast"] = False
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(TrainConfig(**fields), make_task(args.task), args.out)
+    print(f"model: {trainer.model.num_parameters():,} parameters, {trainer.model.cfg.schedule} schedule, "
+          f"max_depth {trainer.model.cfg.max_depth}")
+    trainer.fit(resume=not args.no_resume)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_main
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    evaluate_main(Path(args.checkpoint), args.task, budgets, args.baseline, args.max_tokens, args.out)
