@@ -1,0 +1,1 @@
+"""The serving engine: request scheduling, paged KV block accounting and (later) the batched executor."""

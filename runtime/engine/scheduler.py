@@ -1,0 +1,337 @@
+"""The engine scheduler: waiting and running queues, a token budget per step, paged KV blocks.
+
+Pure Python, no torch. The engine step is three lines:
+
+    out = sched.schedule()
+    runner_out = executor.execute(out)
+    updates = sched.update_from_output(runner_out)
+
+Each step schedules running requests first (a decode is one token; a request still in
+chunked prefill gets its next chunk), then admits waiting requests first come, first
+served. When a running request cannot get a KV block, the most recently arrived running
+request is preempted by recompute: its blocks are freed and it goes back to the front
+of the waiting queue, to prefill prompt + outputs again later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.config import ConfigError
+from runtime.engine.kv_blocks import BlockAllocator
+from runtime.engine.request import Request, RequestStatus
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """Limits of one engine. `num_kv_blocks` comes from the memory the executor could give the cache."""
+
+    num_kv_blocks: int
+    """Physical KV blocks in the cache; each holds `block_size` positions of every layer and slot."""
+    max_model_len: int
+    """Longest sequence served: prompt + max_tokens of a request must not exceed it."""
+    max_num_seqs: int = 64
+    """Most requests running (holding KV) at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget per step: prefill chunks plus decode tokens."""
+    block_size: int = 16
+    """Token positions per KV block."""
+    max_waiting: int = 256
+    """Most requests queued; past it `add_request` refuses at once with `OverloadedError`."""
+    long_prefill_token_threshold: int = 512
+    """Largest prefill chunk one request runs per step; longer prompts are split."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_kv_blocks",
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "max_waiting",
+            "long_prefill_token_threshold",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={self.max_num_seqs}, "
+                f"so running requests could not all decode in one step; raise max_num_batched_tokens "
+                f"or lower max_num_seqs"
+            )
+
+
+class OverloadedError(Exception):
+    """The waiting queue is full; retry later (HTTP 429)."""
+
+
+class RequestTooLongError(ValueError):
+    """The request can never be served by this engine (HTTP 400)."""
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens of one request to run this step, at positions start_position.. onwards."""
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_table: list[int]  # a copy; covers start_position + len(token_ids) positions
+    samples: bool  # the chunk ends at the sequence's last known token: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    """What the executor runs this step."""
+
+    scheduled: list[ScheduledChunk] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)  # evicted this step; drop their state
+    finished_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
+    num_batched_tokens: int = 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the executor returns for one `SchedulerOutput`."""
+
+    sampled: dict[str, int] = field(default_factory=dict)  # request_id -> token, for chunks with samples=True
+    failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
+
+
+@dataclass
+class RequestUpdate:
+    """News of one request after a step: a new token, or that it finished (or both)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    status: RequestStatus
+    error: str | None = None  # set when status is FINISHED_ERROR
+
+
+class Scheduler:
+    """Decides which tokens of which requests run each step, and owns their KV blocks."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self._finished_ids: list[str] = []  # freed since the last schedule()
+        self._pending: SchedulerOutput | None = None  # scheduled, awaiting update_from_output()
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, req: Request) -> None:
+        """Queue a new request, or refuse it at once.
+
+        Raises `OverloadedError` when `max_waiting` requests are already waiting, and
+        `RequestTooLongError` when prompt + max_tokens exceeds `max_model_len` or the
+        request could never fit in the whole KV cache.
+        """
+        cfg = self.config
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use; give each request a unique id")
+        if req.status is not RequestStatus.WAITING or req.block_table or req.num_computed_tokens:
+            raise ValueError(f"request {req.request_id!r} is not fresh (status {req.status.name}); add a new Request")
+        if len(self.waiting) >= cfg.max_waiting:
+            raise OverloadedError(f"{len(self.waiting)} requests are already waiting (max_waiting={cfg.max_waiting})")
+        num_prompt = len(req.prompt_token_ids)
+        if num_prompt + req.max_tokens > cfg.max_model_len:
+            raise RequestTooLongError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds max_model_len="
+                f"{cfg.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        # The last output token is never run, so a request holds KV for at most this many positions.
+        num_blocks = self.allocator.num_blocks_for(num_prompt + req.max_tokens - 1)
+        if num_blocks > cfg.num_kv_blocks:
+            raise RequestTooLongError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({req.max_tokens}) needs {num_blocks} KV blocks but "
+                f"the cache has only {cfg.num_kv_blocks}; shorten the prompt, lower max_tokens or give the cache "
+                f"more memory"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks; False if the id is unknown or finished."""
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> bool:
+        """Finish a request (e.g. the caller saw a stop token) and free its blocks at once."""
+        if not status.is_finished:
+            raise ValueError(f"finish() needs a FINISHED_* status, got {status.name}")
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, status)
+        return True
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The live (unfinished) request with this id, if any."""
+        return self.requests.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use."""
+        return self.allocator.usage
+
+    # ------------------------------------------------------------------ the step
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks, allocating KV blocks and preempting as needed.
+
+        Every `schedule()` must be followed by one `update_from_output()`; if the executor
+        raises, report each scheduled request in `ModelRunnerOutput.failed`.
+        """
+        if self._pending is not None:
+            raise RuntimeError("schedule() called twice; call update_from_output() with the executor's result first")
+        cfg = self.config
+        chunks: dict[str, ScheduledChunk] = {}
+        preempted_ids: list[str] = []
+        budget = cfg.max_num_batched_tokens
+
+        # Running requests first: decodes and the next chunk of unfinished prefills.
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget, cfg.long_prefill_token_threshold)
+            assert num_new > 0, f"running request {req.request_id} has nothing to compute"
+            num_needed = self.allocator.num_blocks_for(req.num_computed_tokens + num_new) - len(req.block_table)
+            while num_needed > self.allocator.num_free:
+                # add_request refused any request that could outgrow the whole cache on its own.
+                assert len(self.running) > 1, f"request {req.request_id} outgrew the KV cache on its own"
+                victim = max(reversed(self.running), key=lambda r: r.arrival)  # ties: the later admitted
+                chunk = chunks.pop(victim.request_id, None)
+                if chunk is not None:
+                    budget += len(chunk.token_ids)
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # it preempted itself
+            if num_needed > 0:
+                req.block_table.extend(self.allocator.allocate(num_needed))
+            chunks[req.request_id] = self._chunk(req, num_new)
+            budget -= num_new
+
+        # Then admit waiting requests in order, stopping at the first that does not fit.
+        # After a preemption memory is tight, so admit nobody this step.
+        while not preempted_ids and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = self.waiting[0]
+            assert req.num_computed_tokens == 0 and not req.block_table
+            num_new = min(req.num_tokens, budget, cfg.long_prefill_token_threshold)
+            num_needed = self.allocator.num_blocks_for(num_new)
+            if num_needed > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            req.block_table = self.allocator.allocate(num_needed)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks[req.request_id] = self._chunk(req, num_new)
+            budget -= num_new
+
+        scheduled = list(chunks.values())
+        out = SchedulerOutput(
+            scheduled=scheduled,
+            preempted_ids=preempted_ids,
+            finished_ids=self._finished_ids,
+            num_batched_tokens=sum(len(c.token_ids) for c in scheduled),
+        )
+        assert out.num_batched_tokens <= cfg.max_num_batched_tokens and len(scheduled) <= cfg.max_num_seqs
+        self._finished_ids = []
+        self._pending = out
+        return out
+
+    def update_from_output(self, output: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Apply the executor's result for the last `schedule()`.
+
+        Advances each scheduled request's computed positions, appends sampled tokens,
+        finishes requests at max_tokens (FINISHED_LENGTH) or on failure (FINISHED_ERROR),
+        and frees finished requests' blocks. Requests finished or aborted since `schedule()`
+        are skipped. Returns one update per request that got a token or finished.
+        """
+        if self._pending is None:
+            raise RuntimeError("update_from_output() called without a schedule() before it")
+        for chunk in self._pending.scheduled:
+            rid = chunk.request_id
+            if rid not in self.requests or rid in output.failed:
+                continue
+            if chunk.samples and rid not in output.sampled:
+                raise ValueError(f"the executor returned no sampled token for request {rid!r}, whose chunk samples")
+            if not chunk.samples and rid in output.sampled:
+                raise ValueError(f"the executor sampled a token for request {rid!r}, whose chunk does not sample")
+        scheduled, self._pending = self._pending.scheduled, None
+
+        updates: list[RequestUpdate] = []
+        for chunk in scheduled:
+            req = self.requests.get(chunk.request_id)
+            if req is None or chunk.request_id in output.failed:
+                continue  # finished since schedule(), or failed (handled below)
+            assert req.status is RequestStatus.RUNNING and req.num_computed_tokens == chunk.start_position
+            req.num_computed_tokens += len(chunk.token_ids)
+            assert req.num_computed_tokens <= len(req.block_table) * self.config.block_size
+            if not chunk.samples:
+                continue
+            token = output.sampled[chunk.request_id]
+            req.output_token_ids.append(token)
+            if len(req.output_token_ids) >= req.max_tokens:
+                self._finish(req, RequestStatus.FINISHED_LENGTH)
+            updates.append(RequestUpdate(req.request_id, [token], req.is_finished, req.status))
+        for rid, message in output.failed.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                updates.append(RequestUpdate(rid, [], True, RequestStatus.FINISHED_ERROR, error=message))
+        return updates
+
+    # ------------------------------------------------------------------ internals
+
+    def _chunk(self, req: Request, num_new: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        end = start + num_new
+        assert len(req.block_table) * self.config.block_size >= end
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:end],
+            start_position=start,
+            block_table=list(req.block_table),
+            samples=end == req.num_tokens,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        """Evict by recompute: free the blocks and requeue at the front; outputs are kept."""
+        self.running.remove(req)
+        self.allocator.free(req.block_table)
+        req.block_table = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.allocator.free(req.block_table)
+        req.block_table = []
+        req.status = status
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)
