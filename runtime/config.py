@@ -145,9 +145,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dense-tiny": dict(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
                        n_pool=4, max_depth=4, min_depth=4, schedule="fixed", step_embedding=False,
                        block_embedding=False, max_seq_len=64, exit_hidden=16),
-    # The seed's local-vs-global digit task: a routed pool after one prelude block.
-    "digits-routed": dict(vocab_size=12, d_model=128, n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=0,
-                          n_pool=4, max_depth=4, schedule="routed", max_seq_len=8, exit_hidden=64),
+    # The seed's local-vs-global digit task: a routed pool and nothing else. No prelude, so depth is
+    # what buys context; min_depth=1 because before one attention step the answer token cannot see
+    # the mode token, so its exit head could not tell an easy question from a hard one.
+    # (With a prelude block of width 128, one layer solves both modes and depth buys nothing.)
+    "digits-routed": dict(vocab_size=12, d_model=64, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
+                          n_pool=4, max_depth=6, min_depth=1, schedule="routed", max_seq_len=8, exit_hidden=64),
     "modadd-routed": dict(vocab_size=99, d_model=128, n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=0,
                           n_pool=4, max_depth=4, schedule="routed", max_seq_len=8, exit_hidden=64),
     # Austen text: a small fixed-schedule model whose core layers can be exited after any step.

@@ -94,11 +94,18 @@ class Block(nn.Module):
         """The K/V entry this block writes for input x (B, T, d)."""
         return self.attn.project_kv(self.attn_norm(x), cos, sin)
 
+    def attention(self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """The attention half with its residual: x + attn(norm(x)) over the given K/V."""
+        return x + self.attn(self.attn_norm(x), k, v, cos, sin, mask)
+
+    def feedforward(self, h: Tensor) -> Tensor:
+        """The MLP half with its residual; position-wise, so callers may batch rows freely."""
+        return h + self.mlp(self.mlp_norm(h))
+
     def forward_with_kv(
         self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None
     ) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), k, v, cos, sin, mask)
-        return h + self.mlp(self.mlp_norm(h))
+        return self.feedforward(self.attention(x, k, v, cos, sin, mask))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         k, v = self.kv(x, cos, sin)

@@ -141,6 +141,7 @@ class PonderModel(nn.Module):
         mask: Tensor | None = None,
         router_mode: str = "argmax",
         gumbel_tau: float = 1.0,
+        gumbel_scale: float = 1.0,
         generator: torch.Generator | None = None,
         return_states: bool = False,
     ) -> ForwardOutput:
@@ -148,7 +149,8 @@ class PonderModel(nn.Module):
 
         mask: optional bool (B, 1, T, T) attention mask (True = may attend); default causal.
         router_mode: 'argmax' (serving), or 'gumbel' (training: straight-through Gumbel-softmax,
-        every block runs on every token and the one-hot choice carries the router's gradient).
+        every block runs on every token and the one-hot choice carries the router's gradient;
+        gumbel_scale < 1 explores less, so blocks see a consistent assignment early on).
         """
         cfg, exit = self.cfg, exit or ExitSpec()
         B, T = ids.shape
@@ -175,7 +177,7 @@ class PonderModel(nn.Module):
             score = self.exit_score(h_step)
             scores.append(score)
             active = active & ~self._stops(s, score, exit, min_depth, max_depth)
-            weights, choice = self._route(h_step, s, router_mode, gumbel_tau, generator, router_logits)
+            weights, choice = self._route(h_step, router_mode, gumbel_tau, gumbel_scale, generator, router_logits, s)
             h_new = self._core_step(s, h_step, active, weights, choice, cos, sin, mask, fill)
             h = torch.where(active[..., None], h_new, h)
             depth = depth + active.long()
@@ -204,7 +206,8 @@ class PonderModel(nn.Module):
         return score < exit.price
 
     def _route(
-        self, h_step: Tensor, s: int, mode: str, tau: float, generator: torch.Generator | None, log: list[Tensor]
+        self, h_step: Tensor, mode: str, tau: float, scale: float, generator: torch.Generator | None,
+        log: list[Tensor], s: int,
     ) -> tuple[Tensor | None, Tensor]:
         """(weights (B, T, n_pool) or None, choice (B, T)). Weights are one-hot in the forward value."""
         B, T, _ = h_step.shape
@@ -220,7 +223,7 @@ class PonderModel(nn.Module):
         noise_device = generator.device if generator is not None else logits.device
         u = torch.rand(logits.shape, generator=generator, device=noise_device).to(logits.device)
         gumbel = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
-        soft = F.softmax((logits + gumbel) / tau, dim=-1)
+        soft = F.softmax((logits + scale * gumbel) / tau, dim=-1)
         choice = soft.argmax(-1)
         hard = F.one_hot(choice, self.cfg.n_pool).to(soft.dtype)
         return hard - soft.detach() + soft, choice

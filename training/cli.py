@@ -8,9 +8,9 @@ from pathlib import Path
 
 TRAIN_DEFAULTS = {
     # task: (preset, overrides of TrainConfig)
-    "digits": ("digits-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
+    "digits": ("digits-routed", dict(steps=4000, batch_size=128, lr=2e-3, full_depth_steps=2000)),
     "modadd": ("modadd-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
-    "austen": ("austen-small", dict(steps=650, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,
+    "austen": ("austen-small", dict(steps=800, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,
                                     warmup=50, full_depth_steps=100, log_every=10, save_every=100)),
 }
 
@@ -27,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--audit-fraction", type=float)
     p.add_argument("--full-depth-steps", type=int, help="warm-up steps with every batch at full depth")
+    p.add_argument("--gumbel-scale", type=float, help="routing exploration noise (routed models)")
     p.add_argument("--no-exit-training", action="store_true",
                    help="train a dense baseline: every batch at full depth, no value head or price")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +67,7 @@ def run_train(args: argparse.Namespace) -> None:
     preset, defaults = TRAIN_DEFAULTS[args.task]
     fields = dict(defaults, task=args.task, preset=args.preset or preset, seed=args.seed, device=args.device,
                   model_overrides=_parse_overrides(args.set))
-    for name in ("steps", "batch_size", "lr", "audit_fraction", "full_depth_steps"):
+    for name in ("steps", "batch_size", "lr", "audit_fraction", "full_depth_steps", "gumbel_scale"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.no_exit_training:

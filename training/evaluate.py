@@ -45,14 +45,15 @@ def score(model: PonderModel, batches: Iterable[tuple[Tensor, Tensor]], spec: Ex
 
 def _subset(task: Task, rows: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     data = task.test[rows]
-    return [task._pair(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+    return [task.pair(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
 
 
 def evaluate(model: PonderModel, calibration, task: Task, budgets: list[float], max_tokens: int) -> dict:
     D = model.cfg.max_depth
     groups = {"all": torch.ones(len(task.test), dtype=torch.bool), **task.groups} if task.test.dim() == 2 else {}
-    if groups:
-        sets = {g: _subset(task, rows, 512) for g, rows in groups.items()}
+    if groups:  # classification: the first max_tokens // seq_len test examples
+        first = torch.arange(len(task.test)) < max(1, max_tokens // task.seq_len)
+        sets = {g: _subset(task, rows & first, 512) for g, rows in groups.items()}
     else:
         sets = {"all": list(task.batches("test", 16, max_tokens=max_tokens))}
     result = {"max_depth": D, "adaptive": [], "fixed": []}
@@ -91,7 +92,8 @@ def evaluate_main(path: Path, task_name: str, budgets: list[float], baseline: st
         row["fixed_same_depth"] = interpolate_fixed(result["fixed"], row["all"]["mean_depth"], key)
     if baseline:
         base = load_checkpoint(baseline)
-        base_set = list(task.batches("test", 16, max_tokens=max_tokens)) if text else _subset(task, torch.arange(len(task.test)), 512)
+        first = torch.arange(len(task.test)) < max(1, max_tokens // task.seq_len)
+        base_set = list(task.batches("test", 16, max_tokens=max_tokens)) if text else _subset(task, first, 512)
         result["baseline"] = {"checkpoint": baseline, "parameters": base.model.num_parameters(),
                               "all": score(base.model, base_set, ExitSpec())}
     result["parameters"] = ckpt.model.num_parameters()

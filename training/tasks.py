@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,23 +39,28 @@ class Task:
     answer_only: bool  # loss on the final position only (classification-style tasks)
     groups: dict[str, Tensor] = field(default_factory=dict)  # test-example labels, e.g. mode
     special_ids: dict[str, int] = field(default_factory=dict)
+    # Optional curriculum: (training sequences, progress in [0, 1], generator) -> sequences.
+    curriculum: Callable[[Tensor, float, torch.Generator], Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def _pair(self, seqs: Tensor) -> tuple[Tensor, Tensor]:
+    def pair(self, seqs: Tensor) -> tuple[Tensor, Tensor]:
         ids, targets = seqs[:, :-1], seqs[:, 1:].clone()
         if self.answer_only:
             targets[:, :-1] = IGNORE
         return ids, targets
 
-    def train_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def train_batch(self, batch_size: int, generator: torch.Generator, progress: float = 1.0) -> tuple[Tensor, Tensor]:
         if self.train.dim() == 2:
             rows = torch.randint(len(self.train), (batch_size,), generator=generator)
-            return self._pair(self.train[rows])
+            seqs = self.train[rows]
+            if self.curriculum is not None:
+                seqs = self.curriculum(seqs, progress, generator)
+            return self.pair(seqs)
         starts = torch.randint(len(self.train) - self.seq_len - 1, (batch_size,), generator=generator)
-        return self._pair(torch.stack([self.train[s : s + self.seq_len + 1] for s in starts.tolist()]))
+        return self.pair(torch.stack([self.train[s : s + self.seq_len + 1] for s in starts.tolist()]))
 
     def batches(self, split: str, batch_size: int, max_tokens: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Deterministic held-out batches ('valid' or 'test'); a stream is cut into windows."""
@@ -68,7 +73,7 @@ class Task:
                 n = min(n, max(1, max_tokens // self.seq_len))
             data = torch.stack([data[i * self.seq_len : i * self.seq_len + self.seq_len + 1] for i in range(n)])
         for i in range(0, len(data), batch_size):
-            yield self._pair(data[i : i + batch_size])
+            yield self.pair(data[i : i + batch_size])
 
 
 # ----- the seed's "local vs global" digit task -----
@@ -76,17 +81,46 @@ class Task:
 MODE_LOCAL, MODE_GLOBAL = 10, 11
 
 
-def digits_task(train_size: int = 100_000, valid_size: int = 10_000, test_size: int = 10_000, seed: int = 0) -> Task:
+def _digit_sequences(modes: Tensor, digits: Tensor) -> Tensor:
+    """[mode, d1..d5, answer]; the answer token follows the digits and alone carries loss."""
+    answer = torch.where(modes == MODE_LOCAL, digits[:, -1], digits.sum(1) % 10)
+    return torch.cat([modes[:, None], digits, answer[:, None]], dim=1)
+
+
+def _digit_keys(seqs: Tensor) -> Tensor:
+    return seqs[:, 0] * 100_000 + (seqs[:, 1:6] * torch.tensor([10_000, 1000, 100, 10, 1])).sum(1)
+
+
+def digits_curriculum(held_out: Tensor, ramp: float = 0.5) -> Callable[[Tensor, float, torch.Generator], Tensor]:
+    """Zero the leading digits of training examples so early training sums 1-2 digits, growing to
+    all 5 by `ramp` of the run; after that, ever more examples stay untouched (all at the end). Sums of two digits mod 10 are learnt fast
+    and teach the digit-value code the 5-digit sum needs; direct training on 5 digits plateaus.
+    Examples that would land in a held-out split are left unchanged."""
+    held_keys = _digit_keys(held_out)
+
+    def apply(seqs: Tensor, progress: float, generator: torch.Generator) -> Tensor:
+        k_max = min(5, 2 + int(progress / ramp * 3))
+        k = torch.randint(1, k_max + 1, (len(seqs),), generator=generator)
+        digits = seqs[:, 1:6].masked_fill(torch.arange(5)[None] < (5 - k)[:, None], 0)
+        easier = _digit_sequences(seqs[:, 0], digits)
+        keep = torch.isin(_digit_keys(easier), held_keys)
+        if progress >= ramp:
+            keep_fraction = 0.5 + 0.5 * (progress - ramp) / max(1 - ramp, 1e-9)
+            keep |= torch.rand(len(seqs), generator=generator) < keep_fraction
+        return torch.where(keep[:, None], seqs, easier)
+
+    return apply
+
+
+def digits_task(train_size: int = 100_000, valid_size: int = 10_000, test_size: int = 10_000, seed: int = 0,
+                curriculum: bool = True) -> Task:
     """[mode, d1..d5] -> last digit (local, easy) or sum mod 10 (global, hard).
 
     All 200k inputs are enumerated and shuffled once, so the splits are disjoint.
     """
     digits = torch.tensor(list(itertools.product(range(10), repeat=5)))
     modes = torch.cat([torch.full((len(digits),), MODE_LOCAL), torch.full((len(digits),), MODE_GLOBAL)])
-    digits = torch.cat([digits, digits])
-    answer = torch.where(modes == MODE_LOCAL, digits[:, -1], digits.sum(1) % 10)
-    # The answer token follows the digits; only it carries loss.
-    seqs = torch.cat([modes[:, None], digits, answer[:, None]], dim=1)
+    seqs = _digit_sequences(modes, torch.cat([digits, digits]))
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed))
     seqs = seqs[order]
     train, valid = seqs[:train_size], seqs[train_size : train_size + valid_size]
@@ -95,6 +129,7 @@ def digits_task(train_size: int = 100_000, valid_size: int = 10_000, test_size: 
     return Task(
         name="digits", tokenizer=symbol_tokenizer(symbols), seq_len=6, train=train, valid=valid, test=test,
         answer_only=True, groups={"local": test[:, 0] == MODE_LOCAL, "global": test[:, 0] == MODE_GLOBAL},
+        curriculum=digits_curriculum(torch.cat([valid, test])) if curriculum else None,
     )
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     value_weight: float = 1.0
     balance_weight: float = 0.01
     gumbel_tau: float = 1.0
+    gumbel_scale: float = 0.1  # routing noise; at 1.0 early routing is near-uniform and blocks learn slowly
     audit_fraction: float = 0.25  # batches forced to full depth; the value head learns from these
     full_depth_steps: int = 300  # warm-up with every batch at full depth (no price yet)
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75)  # sampled per batch; budget 1.0 is the audit
@@ -55,6 +56,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 50
     save_every: int = 500
+    calibration_tokens: int = 16_384  # validation tokens measured for calibration.json
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
@@ -124,7 +126,7 @@ class Trainer:
         t, model = self.tcfg, self.model
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
         rng = random.Random(t.seed * 1_000_003 + self.step)
-        ids, targets = (x.to(self.device) for x in self.task.train_batch(t.batch_size, gen))
+        ids, targets = (x.to(self.device) for x in self.task.train_batch(t.batch_size, gen, self.step / t.steps))
         mask = targets != IGNORE
         audit = self.step < t.full_depth_steps or rng.random() < t.audit_fraction
         budget = 1.0 if audit else rng.choice(t.budgets)
@@ -154,7 +156,7 @@ class Trainer:
     def _losses(self, ids, targets, mask, audit: bool, price: float | None, rng: random.Random, gen: torch.Generator):
         t, model = self.tcfg, self.model
         out = model(ids, ExitSpec(price=price), router_mode="gumbel" if model.router is not None else "argmax",
-                    gumbel_tau=t.gumbel_tau, generator=gen, return_states=True)
+                    gumbel_tau=t.gumbel_tau, gumbel_scale=t.gumbel_scale, generator=gen, return_states=True)
         cos, sin = model.rope(torch.arange(ids.shape[1], device=self.device))
         loss_exit = masked_mean(token_ce(out.logits, targets), mask)
         D = model.cfg.max_depth
@@ -187,14 +189,16 @@ class Trainer:
 
     # ----- the loop -----
 
-    def fit(self, resume: bool = True) -> Path:
+    def fit(self, resume: bool = True, stop_at: int | None = None) -> Path | None:
+        """Train to `steps`, then calibrate and write OUT/final. `stop_at` pauses earlier (state in OUT/last)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.resume():
             print(f"resumed from {self.out / 'last'} at step {self.step}")
         log = (self.out / "metrics.jsonl").open("a")
         bar = tqdm(total=self.tcfg.steps, initial=self.step, desc=f"train {self.task.name}", dynamic_ncols=True)
         start, start_tokens = time.perf_counter(), self.tokens_seen
-        while self.step < self.tcfg.steps:
+        end = min(self.tcfg.steps, stop_at or self.tcfg.steps)
+        while self.step < end:
             metrics = self.train_step()
             bar.update(1)
             if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps:
@@ -210,8 +214,10 @@ class Trainer:
         bar.close()
         log.close()
         self.save_state()
+        if self.step < self.tcfg.steps:
+            return None
         print("calibrating on the validation split ...")
-        calibration = calibrate(self.model, self.task.batches("valid", max(1, 8192 // self.task.seq_len), max_tokens=16_384), measured_on=f"{self.task.name}/valid")
+        calibration = calibrate(self.model, self.task.batches("valid", max(1, 8192 // self.task.seq_len), max_tokens=self.tcfg.calibration_tokens), measured_on=f"{self.task.name}/valid")
         final = save_checkpoint(self.out / "final", self.model, self.task.tokenizer, calibration)
         print(f"wrote {final}")
         return final

@@ -9,7 +9,7 @@ from training.tasks import digits_task
 from training.trainer import TrainConfig, Trainer
 
 SMALL = dict(task="digits", preset="tiny", batch_size=32, lr=3e-3, warmup=2, full_depth_steps=2, log_every=1,
-             save_every=1000, bf16_autocast=False)
+             save_every=1000, bf16_autocast=False, calibration_tokens=1200)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def task():
 def test_resume_continues_exactly_as_an_uninterrupted_run(task, tmp_path):
     straight = Trainer(TrainConfig(steps=6, **SMALL), task, tmp_path / "a")
     straight.fit()
-    first = Trainer(TrainConfig(steps=3, **SMALL), task, tmp_path / "b")
-    first.fit()
+    first = Trainer(TrainConfig(steps=6, **SMALL), task, tmp_path / "b")
+    assert first.fit(stop_at=3) is None  # interrupted: OUT/last only
     resumed = Trainer(TrainConfig(steps=6, **SMALL), task, tmp_path / "b")
     resumed.fit()
     assert resumed.step == 6
@@ -59,7 +59,8 @@ def test_cli_train_generate_and_eval(tmp_path, capsys):
     assert main(["generate", "--model", str(out / "final"), "--prompt", "<global>12345", "--max-tokens", "2",
                  "--compute-budget", "0.5", "--device", "cpu"]) == 0
     assert "mean depth" in capsys.readouterr().out
-    assert main(["eval", str(out / "final"), "--task", "digits", "--budgets", "1.0,0.5", "--out", str(tmp_path / "e")]) == 0
+    assert main(["eval", str(out / "final"), "--task", "digits", "--budgets", "1.0,0.5", "--max-tokens", "3000",
+                 "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert [r["budget"] for r in result["adaptive"]] == [1.0, 0.5]
     assert {"local", "global", "all"} <= set(result["adaptive"][0])

@@ -1,0 +1,214 @@
+"""One engine iteration over many sequences, with per-token depth.
+
+The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
+  - the prelude runs for all rows;
+  - core step s runs only the rows still active: the exit head decides per row (each row
+    carries its request's price and depth bounds); rows that exit write their deeper KV
+    slots by `kv_fill`; the rest are grouped by chosen block, and each group is one
+    gather -> block call -> scatter. The cost of a step scales with its active rows;
+  - the coda and head run on each row's exit state.
+Attention reads the paged cache: every row's slot-s entry is written before step s attends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runtime.engine.kv_cache import PagedKVCache, flat_positions
+from runtime.layers import Block
+from runtime.model import PonderModel
+
+
+@dataclass
+class SeqInput:
+    """One sequence's chunk for this iteration; its earlier positions are already cached."""
+
+    token_ids: list[int]
+    start_position: int
+    block_table: list[int]
+    price: float | None = None  # None: no price exit (full depth, within the bounds below)
+    min_depth: int | None = None
+    max_depth: int | None = None
+    depths: list[int] | None = None  # forced per-token depths (an explicit exit specification)
+
+
+@dataclass
+class SeqOutput:
+    logits: Tensor  # (T, V) for every token with all_logits, else (1, V) for the last
+    depths: list[int]  # core blocks actually applied to each token
+    paths: Tensor  # (T, max_depth) block per step, -1 where none ran
+
+
+@dataclass
+class _Batch:
+    positions: Tensor  # (N,)
+    index: Tensor  # (N,) flat cache position of each row
+    seq: Tensor  # (N,) sequence number of each row
+    ctx_index: Tensor  # (S, Lmax) flat cache positions of each sequence's context, padded with 0
+    ctx_len: Tensor  # (S,)
+    cos: Tensor  # (N, D)
+    sin: Tensor
+
+
+class Executor:
+    def __init__(self, model: PonderModel, cache: PagedKVCache) -> None:
+        self.model, self.cache, self.cfg = model, cache, model.cfg
+        self.device = next(model.parameters()).device
+        self.num_block_calls = 0  # core block applications (row-level), for accounting
+
+    @torch.inference_mode()
+    def run(self, seqs: list[SeqInput], all_logits: bool = False) -> list[SeqOutput]:
+        model, cfg, D = self.model, self.cfg, self.cfg.max_depth
+        batch = self._batch(seqs)
+        N = len(batch.positions)
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
+        price, lo, hi, forced = self._exit_rows(seqs)
+
+        h = model.embed(ids)
+        for layer, block in enumerate(model.prelude):
+            h = self._layer(block, h, self.cache.prelude_slot(layer), batch)
+
+        depth = torch.zeros(N, dtype=torch.long, device=self.device)
+        path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
+        active = torch.arange(N, device=self.device)
+        for s in range(D):
+            if len(active) == 0:
+                break
+            h_step = model.step_input(h[active], s)
+            score = model.exit_score(h_step)
+            stop = (s >= hi[active]) | (s >= forced[active])
+            stop |= (s >= lo[active]) & (score < price[active])
+            if stop.any():
+                self._fill(active[stop], h[active[stop]], s, batch)
+                active, h_step = active[~stop], h_step[~stop]
+            if len(active) == 0:
+                break
+            choice = self._choose(h_step, s)
+            groups = [(b, choice == b) for b in sorted(set(choice.tolist()))]
+            inputs = [(b, active[sel], model.block_input(h_step[sel], b)) for b, sel in groups]
+            slot = self.cache.core_slot(s)
+            if not (cfg.kv_fill == "shared" and s > 0):
+                for b, rows, x in inputs:  # every row's slot-s entry before anyone attends
+                    self._write_kv(model.pool[b], x, rows, slot, batch)
+            for b, rows, x in inputs:
+                h[rows] = self._attend_ff(model.pool[b], x, rows, slot, batch)
+                path[rows, s] = b
+                depth[rows] += 1
+                self.num_block_calls += len(rows)
+
+        for layer, block in enumerate(model.coda):
+            h = self._layer(block, h, self.cache.coda_slot(layer), batch)
+        return self._outputs(seqs, h, depth, path, all_logits)
+
+    # ----- batch layout -----
+
+    def _batch(self, seqs: list[SeqInput]) -> _Batch:
+        bs = self.cache.block_size
+        positions, index, seq_ids, contexts = [], [], [], []
+        for i, s in enumerate(seqs):
+            end = s.start_position + len(s.token_ids)
+            positions += range(s.start_position, end)
+            context = flat_positions(s.block_table, 0, end, bs)
+            index += context[s.start_position :]
+            seq_ids += [i] * len(s.token_ids)
+            contexts.append(context)
+        lmax = max(len(c) for c in contexts)
+        ctx = torch.tensor([c + [0] * (lmax - len(c)) for c in contexts], device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        cos, sin = self.model.rope(pos)
+        return _Batch(pos, torch.tensor(index, device=self.device), torch.tensor(seq_ids, device=self.device), ctx,
+                      torch.tensor([len(c) for c in contexts], device=self.device), cos, sin)
+
+    def _exit_rows(self, seqs: list[SeqInput]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-row price, min depth, max depth and forced depth (max_depth + 1 where none)."""
+        cfg, price, lo, hi, forced = self.cfg, [], [], [], []
+        for s in seqs:
+            n = len(s.token_ids)
+            price += [float("-inf") if s.price is None else s.price] * n
+            lo += [cfg.min_depth if s.min_depth is None else s.min_depth] * n
+            hi += [cfg.max_depth if s.max_depth is None else min(s.max_depth, cfg.max_depth)] * n
+            forced += s.depths if s.depths is not None else [cfg.max_depth + 1] * n
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
+        return as_tensor(price, torch.float32), as_tensor(lo, torch.long), as_tensor(hi, torch.long), as_tensor(forced, torch.long)
+
+    # ----- blocks over rows -----
+
+    def _choose(self, h_step: Tensor, s: int) -> Tensor:
+        if self.model.router is None:
+            return torch.full((len(h_step),), self.model.scheduled_block(s), dtype=torch.long, device=self.device)
+        return self.model.route_logits(h_step).argmax(-1)
+
+    def _write_kv(self, block: Block, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
+        k, v = block.kv(x[None], batch.cos[rows], batch.sin[rows])  # (1, Hkv, n, D)
+        self.cache.write(slot, batch.index[rows], k[0].transpose(0, 1), v[0].transpose(0, 1))
+
+    def _layer(self, block: Block, h: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """A prelude or coda layer: every row writes its entry, then every row attends."""
+        rows = torch.arange(len(h), device=self.device)
+        self._write_kv(block, h, rows, slot, batch)
+        return self._attend_ff(block, h, rows, slot, batch)
+
+    def _attend_ff(self, block: Block, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """Attention of rows (inputs x: (n, d)) over their sequences' cached slot, then the MLP.
+
+        Rows are padded per sequence into (R, M, d), so one attention call serves all of them."""
+        seq = batch.seq[rows]
+        present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
+        R, M = len(present), int(counts.max())
+        x_pad = x.new_zeros(R, M, x.shape[-1])
+        x_pad[inverse, rank] = x
+        pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
+        pos_pad[inverse, rank] = batch.positions[rows]
+        cos, sin = self.model.rope(pos_pad)
+        ctx = batch.ctx_index[present]
+        lmax = int(batch.ctx_len[present].max())
+        k, v = self.cache.gather(slot, ctx[:, :lmax])
+        key_pos = torch.arange(lmax, device=self.device)
+        mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal within the context (R, M, L)
+        h_pad = block.attention(x_pad, k.to(x.dtype), v.to(x.dtype), cos[:, None], sin[:, None], mask[:, None])
+        return block.feedforward(h_pad[inverse, rank])
+
+    # ----- kv_fill for rows that exit before step s -----
+
+    def _fill(self, rows: Tensor, h: Tensor, s: int, batch: _Batch) -> None:
+        """Write the KV of core slots s..max_depth-1 that the exited rows will never run."""
+        model, fill, D = self.model, self.cfg.kv_fill, self.cfg.max_depth
+        if fill == "shared" and s > 0:
+            return  # the single core slot already holds their step-0 entry
+        if fill == "propagate" or s == 0:
+            for slot_step in range(s, D if fill == "propagate" else 1):
+                h_step = model.step_input(h, slot_step)
+                choice = self._choose(h_step, slot_step)
+                for b in sorted(set(choice.tolist())):
+                    sel = choice == b
+                    self._write_kv(model.pool[b], model.block_input(h_step[sel], b), rows[sel],
+                                   self.cache.core_slot(slot_step), batch)
+            if fill == "propagate" or fill == "shared":
+                return
+        # latest: copy the deepest computed entry (slot 0's projection for a row that ran no step)
+        src = self.cache.core_slot(max(s - 1, 0))
+        for slot_step in range(max(s, 1), D):
+            self.cache.copy(src, self.cache.core_slot(slot_step), batch.index[rows])
+
+    # ----- outputs -----
+
+    def _outputs(self, seqs: list[SeqInput], h: Tensor, depth: Tensor, path: Tensor, all_logits: bool) -> list[SeqOutput]:
+        lengths = [len(s.token_ids) for s in seqs]
+        ends = torch.cumsum(torch.tensor(lengths), 0).tolist()
+        rows = torch.arange(len(h), device=self.device) if all_logits else torch.tensor([e - 1 for e in ends], device=self.device)
+        logits = self.model.head(self.model.norm(h[rows]))
+        out, start = [], 0
+        depths = depth.tolist()
+        for i, (n, end) in enumerate(zip(lengths, ends)):
+            out.append(SeqOutput(
+                logits=logits[start:end] if all_logits else logits[i : i + 1],
+                depths=depths[start:end],
+                paths=path[start:end],
+            ))
+            start = end
+        return out

@@ -1,0 +1,54 @@
+"""Paged KV cache for every layer slot: prelude layers, core slots, coda layers.
+
+One physical block id covers `block_size` token positions of *all* slots, so the scheduler
+counts positions only. Core slots: one per step, or a single one with kv_fill='shared'
+(core KV memory falls by a factor of max_depth).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from runtime.config import ModelConfig
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
+        self.num_slots = cfg.n_prelude + cfg.n_core_slots + cfg.n_coda
+        shape = (self.num_slots, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)  # (slot, position, Hkv, D)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        slots = cfg.n_prelude + cfg.n_core_slots + cfg.n_coda
+        return 2 * slots * block_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+    def prelude_slot(self, layer: int) -> int:
+        return layer
+
+    def core_slot(self, step: int) -> int:
+        return self.cfg.n_prelude + (0 if self.cfg.kv_fill == "shared" else step)
+
+    def coda_slot(self, layer: int) -> int:
+        return self.cfg.n_prelude + self.cfg.n_core_slots + layer
+
+    def write(self, slot: int, index: Tensor, k: Tensor, v: Tensor) -> None:
+        """index: (n,) flat cache positions; k, v: (n, Hkv, D)."""
+        self.k[slot, index] = k.to(self.k.dtype)
+        self.v[slot, index] = v.to(self.v.dtype)
+
+    def copy(self, src_slot: int, dst_slot: int, index: Tensor) -> None:
+        self.k[dst_slot, index] = self.k[src_slot, index]
+        self.v[dst_slot, index] = self.v[src_slot, index]
+
+    def gather(self, slot: int, index: Tensor) -> tuple[Tensor, Tensor]:
+        """index: (R, L) flat positions -> k, v: (R, Hkv, L, D)."""
+        return self.k[slot][index].transpose(1, 2), self.v[slot][index].transpose(1, 2)
+
+
+def flat_positions(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache indices of positions start..end-1 of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
