@@ -1,0 +1,83 @@
+"""Per-request parameters: sampling, and compute (budget, depth bounds, price). Validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ParamError(ValueError):
+    """A request parameter is out of range; `param` names the field (HTTP 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None  # reproducible per request
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-N logprobs per generated token (0: only the chosen token's)
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= -1, "must be -1, 0 (off) or a positive integer"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             "must be an integer in [0, max_tokens]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("n", isinstance(self.n, int) and 1 <= self.n <= 16, "must be an integer in [1, 16]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+             "must be up to 16 non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ParamError(name, f"{getattr(self, name)!r} {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class ComputeParams:
+    """compute_budget: target mean core depth as a fraction of max_depth, in (0, 1].
+    exit_price overrides it with a raw price; min_depth / max_depth bound every token."""
+
+    compute_budget: float | None = None
+    min_depth: int | None = None
+    max_depth: int | None = None
+    exit_price: float | None = None
+
+    def validate(self, model_max_depth: int) -> None:
+        if self.compute_budget is not None and not 0.0 < self.compute_budget <= 1.0:
+            raise ParamError("compute_budget", f"{self.compute_budget!r} must be in (0, 1]")
+        if self.exit_price is not None and not self.exit_price >= 0.0:
+            raise ParamError("exit_price", f"{self.exit_price!r} must be >= 0")
+        for name in ("min_depth", "max_depth"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= model_max_depth):
+                raise ParamError(name, f"{value!r} must be an integer in [0, {model_max_depth}] for this model")
+        if self.min_depth is not None and self.max_depth is not None and self.min_depth > self.max_depth:
+            raise ParamError("min_depth", f"{self.min_depth} must be <= max_depth={self.max_depth}")

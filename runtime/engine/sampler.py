@@ -1,0 +1,78 @@
+"""Batched sampling with per-request parameters: penalties, temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runtime.engine.params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator  # per request, so a seeded request reproduces in any batch
+    banned: list[int]  # token ids not allowed yet (EOS/stop ids before min_tokens)
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: float  # raw model log-probability of the chosen token
+    top_logprobs: list[tuple[int, float]]
+
+
+def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
+    """logits: (R, V) float; one row per request that samples this step."""
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float().clone()
+    for i, row in enumerate(rows):  # penalties need each row's history
+        p = row.params
+        if row.banned:
+            logits[i, row.banned] = float("-inf")
+        if p.repetition_penalty != 1.0 and (row.prompt_ids or row.output_ids):
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+            ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(return_counts=True)
+            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+
+    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+    temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)[:, None]
+    probs = torch.softmax(_filter(logits / temperature, rows), dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) drawn from each request's own generator.
+    noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=r.generator) for r in rows])
+    sampled = (probs / noise.to(probs.device)).argmax(-1)
+    chosen = torch.where(greedy, logits.argmax(-1), sampled)
+
+    out = []
+    for i, row in enumerate(rows):
+        token = int(chosen[i])
+        top = []
+        if row.params.logprobs:
+            values, ids = raw_logprobs[i].topk(row.params.logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        out.append(Sampled(token, float(raw_logprobs[i, token]), top))
+    return out
+
+
+def _filter(logits: Tensor, rows: list[SampleRow]) -> Tensor:
+    """Top-k, top-p and min-p per row, on temperature-scaled logits."""
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else logits.shape[-1] for r in rows], device=logits.device)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+    if (top_k >= logits.shape[-1]).all() and (top_p >= 1).all() and (min_p <= 0).all():
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None]
+    drop = rank >= top_k[:, None]
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
