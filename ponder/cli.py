@@ -23,10 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from runtime.checkpoint import CheckpointError
+    from runtime.engine.scheduler import OverloadedError
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, OverloadedError) as e:
         print(f"ponder {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -58,7 +58,7 @@ def test_cli_train_generate_and_eval(tmp_path, capsys):
                  "--out", str(out), "--no-bf16"]) == 0
     assert main(["generate", "--model", str(out / "final"), "--prompt", "<global>12345", "--max-tokens", "2",
                  "--compute-budget", "0.5", "--device", "cpu"]) == 0
-    assert "mean depth" in capsys.readouterr().out
+    assert "mean exit depth" in capsys.readouterr().out
     assert main(["eval", str(out / "final"), "--task", "digits", "--budgets", "1.0,0.5", "--max-tokens", "3000",
                  "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())

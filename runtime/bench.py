@@ -1,0 +1,110 @@
+"""`ponder bench`: decode throughput and latency of the engine at compute budgets and batch sizes.
+
+Every cell runs the same prompts on the same engine in one process, so the speedup over
+budget 1.0 is a ratio measured in one run. The ideal speedup is what the layers actually run
+imply: (prelude + max_depth + coda) / (prelude + mean core depth + coda) per position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
+from runtime.devices import resolve_device, resolve_dtype
+from runtime.engine.engine import EngineConfig, LLMEngine
+from runtime.engine.params import ComputeParams, SamplingParams
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def bench_cell(engine: LLMEngine, prompts: list[list[int]], budget: float, max_tokens: int) -> dict:
+    cfg = engine.ckpt.config
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{budget}-{i}", p, sampling, ComputeParams(compute_budget=budget))
+    last_token_time: dict[str, float] = {}
+    itl: list[float] = []
+    depths: list[int] = []
+    decode_tokens, decode_time = 0, 0.0
+    while engine.has_unfinished():
+        all_decode = all(r.num_computed_tokens >= r.num_tokens - 1 for r in engine.scheduler.running) and not engine.scheduler.waiting
+        start = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        if all_decode:
+            decode_tokens += sum(len(o.new_token_ids) for o in outs)
+            decode_time += now - start
+        for o in outs:
+            if o.new_token_ids:
+                if o.request_id in last_token_time:
+                    itl.append(now - last_token_time[o.request_id])
+                last_token_time[o.request_id] = now
+                depths += o.exit_depths
+    mean_depth = statistics.fmean(depths) if depths else 0.0
+    fixed = cfg.n_prelude + cfg.n_coda
+    return {
+        "batch": len(prompts), "budget": budget, "decode_tokens_per_s": decode_tokens / max(decode_time, 1e-9),
+        "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99),
+        "mean_core_depth": mean_depth, "ideal_speedup": (fixed + cfg.max_depth) / max(fixed + mean_depth, 1e-9),
+    }
+
+
+def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: int, max_tokens: int,
+              device: str, dtype: str, out: str | None) -> list[dict]:
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(model, device=dev, dtype=resolve_dtype(dtype, dev))
+    if prompt_len + max_tokens > ckpt.config.max_seq_len:
+        raise ValueError(f"--prompt-len + --max-tokens = {prompt_len + max_tokens} exceeds the model's "
+                         f"max_seq_len={ckpt.config.max_seq_len}")
+    engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(2048, max(batches) * prompt_len)))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    warm = [torch.randint(4, ckpt.config.vocab_size, (prompt_len,), generator=gen).tolist()]
+    bench_cell(engine, warm, 1.0, 4)  # warm-up
+    print(f"model {model} on {dev} ({dtype}); prompt {prompt_len} tokens, {max_tokens} new tokens per request")
+    print(f"{'batch':>5} {'budget':>6} {'tok/s':>9} {'ITL p50':>9} {'ITL p99':>9} {'depth':>7} {'speedup':>8} {'ideal':>7} {'ratio':>6}")
+    for batch in batches:
+        prompts = [torch.randint(4, ckpt.config.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+        base = None
+        for budget in budgets:
+            row = bench_cell(engine, prompts, budget, max_tokens)
+            base = base or row
+            row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["ideal_speedup"] /= base["ideal_speedup"]
+            row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+            rows.append(row)
+            print(f"{batch:>5} {budget:>6.2f} {row['decode_tokens_per_s']:>9.1f} {row['itl_p50_ms']:>7.1f}ms "
+                  f"{row['itl_p99_ms']:>7.1f}ms {row['mean_core_depth']:>7.2f} {row['speedup']:>7.2f}x "
+                  f"{row['ideal_speedup']:>6.2f}x {row['fraction_of_ideal']:>6.0%}", flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"model": model, "device": str(dev), "dtype": dtype, "rows": rows}, indent=2))
+        print(f"wrote {out}")
+    return rows
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="benchmark engine decode speed at compute budgets and batch sizes")
+    b.add_argument("--model", default=str(DEFAULT_MODEL))
+    b.add_argument("--batch-sizes", default="1,8,32")
+    b.add_argument("--budgets", default="1.0,0.75,0.5,0.25")
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--out", default="results/bench.json")
+    b.add_argument("--threads", type=int)
+    b.set_defaults(func=lambda a: (torch.set_num_threads(a.threads) if a.threads else None, run_bench(
+        a.model, [int(x) for x in a.batch_sizes.split(",")], [float(x) for x in a.budgets.split(",")],
+        a.prompt_len, a.max_tokens, a.device, a.dtype, a.out)))
