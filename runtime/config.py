@@ -151,6 +151,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (With a prelude block of width 128, one layer solves both modes and depth buys nothing.)
     "digits-routed": dict(vocab_size=12, d_model=64, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
                           n_pool=4, max_depth=6, min_depth=1, schedule="routed", max_seq_len=8, exit_hidden=64),
+    # The same with a fixed schedule: 6 distinct blocks, step s runs block s.
+    "digits-fixed": dict(vocab_size=12, d_model=64, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
+                         n_pool=6, max_depth=6, min_depth=1, schedule="fixed", max_seq_len=8, exit_hidden=64),
     "modadd-routed": dict(vocab_size=99, d_model=128, n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=0,
                           n_pool=4, max_depth=4, schedule="routed", max_seq_len=8, exit_hidden=64),
     # Austen text: a small fixed-schedule model whose core layers can be exited after any step.

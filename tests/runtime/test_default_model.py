@@ -23,7 +23,7 @@ def test_default_model_calibration_tracks_budget_on_held_out_text():
     from training.tasks import make_task
 
     ckpt = load_checkpoint(DEFAULT_MODEL)
-    ids = torch.tensor(make_task("austen").test[:1024]).view(4, 256)
+    ids = make_task("austen").test[:1024].view(4, 256)
     D = ckpt.config.max_depth
     with torch.no_grad():
         for budget in (0.75, 0.5):
