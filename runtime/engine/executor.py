@@ -74,18 +74,20 @@ class Executor:
         depth = torch.zeros(N, dtype=torch.long, device=self.device)
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
         active = torch.arange(N, device=self.device)
+        exited = active[:0]  # rows that left the core; their slot-s entries follow kv_fill
         for s in range(D):
+            if len(active):
+                h_step = model.step_input(h[active], s)
+                score = model.exit_score(h_step)
+                stop = (s >= hi[active]) | (s >= forced[active])
+                stop |= (s >= lo[active]) & (score < price[active])
+                if stop.any():
+                    exited = torch.cat([exited, active[stop]])
+                    active, h_step = active[~stop], h_step[~stop]
+            if len(exited):  # one batched fill per step for every row exited so far
+                self._fill(exited, h[exited], s, batch)
             if len(active) == 0:
-                break
-            h_step = model.step_input(h[active], s)
-            score = model.exit_score(h_step)
-            stop = (s >= hi[active]) | (s >= forced[active])
-            stop |= (s >= lo[active]) & (score < price[active])
-            if stop.any():
-                self._fill(active[stop], h[active[stop]], s, batch)
-                active, h_step = active[~stop], h_step[~stop]
-            if len(active) == 0:
-                break
+                continue  # no block runs, but deeper slots of exited rows still get filled
             choice = self._choose(h_step, s)
             groups = [(b, choice == b) for b in sorted(set(choice.tolist()))]
             inputs = [(b, active[sel], model.block_input(h_step[sel], b)) for b, sel in groups]
@@ -164,7 +166,9 @@ class Executor:
         x_pad[inverse, rank] = x
         pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
         pos_pad[inverse, rank] = batch.positions[rows]
-        cos, sin = self.model.rope(pos_pad)
+        cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
+        sin = torch.zeros_like(cos)
+        cos[inverse, rank], sin[inverse, rank] = batch.cos[rows], batch.sin[rows]  # tables computed once per step
         ctx = batch.ctx_index[present]
         lmax = int(batch.ctx_len[present].max())
         k, v = self.cache.gather(slot, ctx[:, :lmax])
@@ -176,24 +180,19 @@ class Executor:
     # ----- kv_fill for rows that exit before step s -----
 
     def _fill(self, rows: Tensor, h: Tensor, s: int, batch: _Batch) -> None:
-        """Write the KV of core slots s..max_depth-1 that the exited rows will never run."""
-        model, fill, D = self.model, self.cfg.kv_fill, self.cfg.max_depth
+        """Write core slot s for rows that exited at or before step s (h: their exit states)."""
+        model, fill = self.model, self.cfg.kv_fill
         if fill == "shared" and s > 0:
             return  # the single core slot already holds their step-0 entry
-        if fill == "propagate" or s == 0:
-            for slot_step in range(s, D if fill == "propagate" else 1):
-                h_step = model.step_input(h, slot_step)
-                choice = self._choose(h_step, slot_step)
-                for b in sorted(set(choice.tolist())):
-                    sel = choice == b
-                    self._write_kv(model.pool[b], model.block_input(h_step[sel], b), rows[sel],
-                                   self.cache.core_slot(slot_step), batch)
-            if fill == "propagate" or fill == "shared":
-                return
-        # latest: copy the deepest computed entry (slot 0's projection for a row that ran no step)
-        src = self.cache.core_slot(max(s - 1, 0))
-        for slot_step in range(max(s, 1), D):
-            self.cache.copy(src, self.cache.core_slot(slot_step), batch.index[rows])
+        if fill == "latest" and s > 0:  # a copy of the deepest computed entry, passed down slot by slot
+            self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index[rows])
+            return
+        # propagate (and slot 0 of a row that ran no step): the exit state through the slot's block
+        h_step = model.step_input(h, s)
+        choice = self._choose(h_step, s)
+        for b in sorted(set(choice.tolist())):
+            sel = choice == b
+            self._write_kv(model.pool[b], model.block_input(h_step[sel], b), rows[sel], self.cache.core_slot(s), batch)
 
     # ----- outputs -----
 

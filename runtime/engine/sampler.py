@@ -46,9 +46,12 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)[:, None]
     probs = torch.softmax(_filter(logits / temperature, rows), dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) drawn from each request's own generator.
-    noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=r.generator) for r in rows])
-    sampled = (probs / noise.to(probs.device)).argmax(-1)
-    chosen = torch.where(greedy, logits.argmax(-1), sampled)
+    # Greedy rows draw nothing, so a seeded request's stream never depends on its neighbours.
+    noise = torch.ones_like(probs)
+    for i, r in enumerate(rows):
+        if not r.params.greedy:
+            noise[i] = torch.empty(logits.shape[-1]).exponential_(generator=r.generator).to(probs.device)
+    chosen = torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
 
     out = []
     for i, row in enumerate(rows):
