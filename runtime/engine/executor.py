@@ -51,6 +51,7 @@ class _Batch:
     ctx_len: Tensor  # (S,)
     cos: Tensor  # (N, D)
     sin: Tensor
+    one_row_per_seq: bool  # a pure decode step
 
 
 class Executor:
@@ -66,6 +67,9 @@ class Executor:
         N = len(batch.positions)
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
         price, lo, hi, forced = self._exit_rows(seqs)
+        # The first step at which some row could exit by price; before it the exit head is skipped.
+        priced = [cfg.min_depth if q.min_depth is None else q.min_depth for q in seqs if q.price is not None]
+        first_priced_step = min(priced, default=D)
 
         h = model.embed(ids)
         for layer, block in enumerate(model.prelude):
@@ -78,9 +82,9 @@ class Executor:
         for s in range(D):
             if len(active):
                 h_step = model.step_input(h[active], s)
-                score = model.exit_score(h_step)
                 stop = (s >= hi[active]) | (s >= forced[active])
-                stop |= (s >= lo[active]) & (score < price[active])
+                if s >= first_priced_step:
+                    stop |= (s >= lo[active]) & (model.exit_score(h_step) < price[active])
                 if stop.any():
                     exited = torch.cat([exited, active[stop]])
                     active, h_step = active[~stop], h_step[~stop]
@@ -122,7 +126,8 @@ class Executor:
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self.model.rope(pos)
         return _Batch(pos, torch.tensor(index, device=self.device), torch.tensor(seq_ids, device=self.device), ctx,
-                      torch.tensor([len(c) for c in contexts], device=self.device), cos, sin)
+                      torch.tensor([len(c) for c in contexts], device=self.device), cos, sin,
+                      one_row_per_seq=all(len(s.token_ids) == 1 for s in seqs))
 
     def _exit_rows(self, seqs: list[SeqInput]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-row price, min depth, max depth and forced depth (max_depth + 1 where none)."""
@@ -158,17 +163,23 @@ class Executor:
 
         Rows are padded per sequence into (R, M, d), so one attention call serves all of them."""
         seq = batch.seq[rows]
-        present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
-        R, M = len(present), int(counts.max())
-        x_pad = x.new_zeros(R, M, x.shape[-1])
-        x_pad[inverse, rank] = x
-        pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
-        pos_pad[inverse, rank] = batch.positions[rows]
-        cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
-        sin = torch.zeros_like(cos)
-        cos[inverse, rank], sin[inverse, rank] = batch.cos[rows], batch.sin[rows]  # tables computed once per step
+        if batch.one_row_per_seq:  # decode: every row is its own sequence, nothing to pad
+            present, inverse = seq, torch.arange(len(rows), device=self.device)
+            rank = torch.zeros_like(inverse)
+            x_pad, pos_pad = x[:, None], batch.positions[rows][:, None]
+            cos, sin = batch.cos[rows][:, None], batch.sin[rows][:, None]
+        else:
+            present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
+            R, M = len(present), int(counts.max())
+            x_pad = x.new_zeros(R, M, x.shape[-1])
+            x_pad[inverse, rank] = x
+            pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
+            pos_pad[inverse, rank] = batch.positions[rows]
+            cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
+            sin = torch.zeros_like(cos)
+            cos[inverse, rank], sin[inverse, rank] = batch.cos[rows], batch.sin[rows]  # tables made once per step
         ctx = batch.ctx_index[present]
         lmax = int(batch.ctx_len[present].max())
         k, v = self.cache.gather(slot, ctx[:, :lmax])
