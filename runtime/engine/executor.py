@@ -96,11 +96,12 @@ class Executor:
             groups = [(b, choice == b) for b in sorted(set(choice.tolist()))]
             inputs = [(b, active[sel], model.block_input(h_step[sel], b)) for b, sel in groups]
             slot = self.cache.core_slot(s)
+            normed = [model.pool[b].attn_norm(x) for b, _, x in inputs]
             if not (cfg.kv_fill == "shared" and s > 0):
-                for b, rows, x in inputs:  # every row's slot-s entry before anyone attends
-                    self._write_kv(model.pool[b], x, rows, slot, batch)
-            for b, rows, x in inputs:
-                h[rows] = self._attend_ff(model.pool[b], x, rows, slot, batch)
+                for (b, rows, _), xn in zip(inputs, normed):  # every row's slot-s entry before anyone attends
+                    self._write_kv(model.pool[b], xn, rows, slot, batch)
+            for (b, rows, x), xn in zip(inputs, normed):
+                h[rows] = self._attend_ff(model.pool[b], x, xn, rows, slot, batch)
                 path[rows, s] = b
                 depth[rows] += 1
                 self.num_block_calls += len(rows)
@@ -148,33 +149,35 @@ class Executor:
             return torch.full((len(h_step),), self.model.scheduled_block(s), dtype=torch.long, device=self.device)
         return self.model.route_logits(h_step).argmax(-1)
 
-    def _write_kv(self, block: Block, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
-        k, v = block.kv(x[None], batch.cos[rows], batch.sin[rows])  # (1, Hkv, n, D)
+    def _write_kv(self, block: Block, xn: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
+        """Write the slot entries of rows from their normed block inputs xn (n, d)."""
+        k, v = block.attn.project_kv(xn[None], batch.cos[rows], batch.sin[rows])  # (1, Hkv, n, D)
         self.cache.write(slot, batch.index[rows], k[0].transpose(0, 1), v[0].transpose(0, 1))
 
     def _layer(self, block: Block, h: Tensor, slot: int, batch: _Batch) -> Tensor:
         """A prelude or coda layer: every row writes its entry, then every row attends."""
         rows = torch.arange(len(h), device=self.device)
-        self._write_kv(block, h, rows, slot, batch)
-        return self._attend_ff(block, h, rows, slot, batch)
+        hn = block.attn_norm(h)
+        self._write_kv(block, hn, rows, slot, batch)
+        return self._attend_ff(block, h, hn, rows, slot, batch)
 
-    def _attend_ff(self, block: Block, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
-        """Attention of rows (inputs x: (n, d)) over their sequences' cached slot, then the MLP.
-
-        Rows are padded per sequence into (R, M, d), so one attention call serves all of them."""
+    def _attend_ff(self, block: Block, x: Tensor, xn: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """Attention of rows (inputs x, normed xn: (n, d)) over their sequences' cached slot, with
+        the residual, then the MLP. Rows are padded per sequence into (R, M, d), so one attention
+        call serves all of them."""
         seq = batch.seq[rows]
         if batch.one_row_per_seq:  # decode: every row is its own sequence, nothing to pad
             present, inverse = seq, torch.arange(len(rows), device=self.device)
             rank = torch.zeros_like(inverse)
-            x_pad, pos_pad = x[:, None], batch.positions[rows][:, None]
+            x_pad, pos_pad = xn[:, None], batch.positions[rows][:, None]
             cos, sin = batch.cos[rows][:, None], batch.sin[rows][:, None]
         else:
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
             R, M = len(present), int(counts.max())
-            x_pad = x.new_zeros(R, M, x.shape[-1])
-            x_pad[inverse, rank] = x
+            x_pad = xn.new_zeros(R, M, xn.shape[-1])
+            x_pad[inverse, rank] = xn
             pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
             pos_pad[inverse, rank] = batch.positions[rows]
             cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
@@ -185,8 +188,8 @@ class Executor:
         k, v = self.cache.gather(slot, ctx[:, :lmax])
         key_pos = torch.arange(lmax, device=self.device)
         mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal within the context (R, M, L)
-        h_pad = block.attention(x_pad, k.to(x.dtype), v.to(x.dtype), cos[:, None], sin[:, None], mask[:, None])
-        return block.feedforward(h_pad[inverse, rank])
+        out = block.attn(x_pad, k.to(x.dtype), v.to(x.dtype), cos[:, None], sin[:, None], mask[:, None])
+        return block.feedforward(x + out[inverse, rank])
 
     # ----- kv_fill for rows that exit before step s -----
 
@@ -203,7 +206,8 @@ class Executor:
         choice = self._choose(h_step, s)
         for b in sorted(set(choice.tolist())):
             sel = choice == b
-            self._write_kv(model.pool[b], model.block_input(h_step[sel], b), rows[sel], self.cache.core_slot(s), batch)
+            block = model.pool[b]
+            self._write_kv(block, block.attn_norm(model.block_input(h_step[sel], b)), rows[sel], self.cache.core_slot(s), batch)
 
     # ----- outputs -----
 
