@@ -60,8 +60,19 @@ def bench_cell(engine: LLMEngine, prompts: list[list[int]], budget: float, max_t
     }
 
 
+def make_prompts(tokenizer, vocab_size: int, count: int, prompt_len: int, prompt_file: str | None,
+                 gen: torch.Generator) -> list[list[int]]:
+    """`count` prompts of `prompt_len` tokens: consecutive windows of a text file, or random ids."""
+    if prompt_file is None:
+        return [torch.randint(4, vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(count)]
+    ids = tokenizer.encode(Path(prompt_file).read_text()).ids
+    if len(ids) < count * prompt_len:
+        raise ValueError(f"--prompt-file {prompt_file} has {len(ids)} tokens; need {count * prompt_len}")
+    return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
+
+
 def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: int, max_tokens: int,
-              device: str, dtype: str, out: str | None) -> list[dict]:
+              device: str, dtype: str, out: str | None, prompt_file: str | None = None) -> list[dict]:
     dev = resolve_device(device)
     ckpt = load_checkpoint(model, device=dev, dtype=resolve_dtype(dtype, dev))
     if prompt_len + max_tokens > ckpt.config.max_seq_len:
@@ -70,12 +81,13 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(2048, max(batches) * prompt_len)))
     gen = torch.Generator().manual_seed(0)
     rows = []
-    warm = [torch.randint(4, ckpt.config.vocab_size, (prompt_len,), generator=gen).tolist()]
-    bench_cell(engine, warm, 1.0, 4)  # warm-up
-    print(f"model {model} on {dev} ({dtype}); prompt {prompt_len} tokens, {max_tokens} new tokens per request")
+    prompts_all = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, max(batches), prompt_len, prompt_file, gen)
+    bench_cell(engine, prompts_all[:1], 1.0, 4)  # warm-up
+    source = prompt_file or "random token ids"
+    print(f"model {model} on {dev} ({dtype}); prompts of {prompt_len} tokens from {source}, {max_tokens} new tokens each")
     print(f"{'batch':>5} {'budget':>6} {'tok/s':>9} {'ITL p50':>9} {'ITL p99':>9} {'depth':>7} {'speedup':>8} {'ideal':>7} {'ratio':>6}")
     for batch in batches:
-        prompts = [torch.randint(4, ckpt.config.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+        prompts = prompts_all[:batch]
         base = None
         for budget in budgets:
             row = bench_cell(engine, prompts, budget, max_tokens)
@@ -89,7 +101,8 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
                   f"{row['ideal_speedup']:>6.2f}x {row['fraction_of_ideal']:>6.0%}", flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"model": model, "device": str(dev), "dtype": dtype, "rows": rows}, indent=2))
+        Path(out).write_text(json.dumps({"model": model, "device": str(dev), "dtype": dtype, "prompts": source,
+                                               "rows": rows}, indent=2))
         print(f"wrote {out}")
     return rows
 
@@ -104,7 +117,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32")
     b.add_argument("--out", default="results/bench.json")
+    b.add_argument("--prompt-file", help="take prompts from this text file (default: random token ids)")
     b.add_argument("--threads", type=int)
     b.set_defaults(func=lambda a: (torch.set_num_threads(a.threads) if a.threads else None, run_bench(
         a.model, [int(x) for x in a.batch_sizes.split(",")], [float(x) for x in a.budgets.split(",")],
-        a.prompt_len, a.max_tokens, a.device, a.dtype, a.out)))
+        a.prompt_len, a.max_tokens, a.device, a.dtype, a.out, a.prompt_file)))
