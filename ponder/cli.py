@@ -10,12 +10,14 @@ from ponder import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime import cli as runtime_cli
+    from server import cli as server_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="ponder", description="Serve and train adaptive-compute language models.")
     parser.add_argument("--version", action="version", version=f"ponder {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     runtime_cli.add_parsers(sub)
+    server_cli.add_parsers(sub)
     training_cli.add_parsers(sub)
     return parser
 

@@ -29,10 +29,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="ponder-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                       compute: ComputeParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields one RequestOutput per step that produced something; the last has finished=True.
-        Raises ParamError, RequestTooLongError or OverloadedError before yielding anything."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                 compute: ComputeParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its outputs as an async iterator: one RequestOutput per step
+        that produced something, the last with finished=True. Raises ParamError, RequestTooLongError
+        or OverloadedError here, before anything is queued. Call it from a running event loop."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         queue: asyncio.Queue = asyncio.Queue()
@@ -42,6 +43,9 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt_token_ids, sampling, compute)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
         self._wake.set()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -61,6 +65,13 @@ class AsyncEngine:
         return {"healthy": self._thread.is_alive() and self._error is None, "error": self._error,
                 "num_running": self.engine.scheduler.num_running, "num_waiting": self.engine.scheduler.num_waiting,
                 "kv_cache_usage": self.engine.kv_usage()}
+
+    def stats(self) -> dict:
+        """Queue sizes, KV usage and compute accounting, for metrics."""
+        e = self.engine
+        return {"num_running": e.scheduler.num_running, "num_waiting": e.scheduler.num_waiting,
+                "kv_cache_usage": e.kv_usage(), "core_steps": e.num_core_steps,
+                "core_steps_full": e.num_core_steps_full, "block_steps": list(e.block_steps)}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop taking requests, let running ones finish for up to `timeout` s, then abort the rest."""

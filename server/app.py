@@ -1,0 +1,411 @@
+"""The OpenAI-compatible HTTP app, built from the engine protocol (generate / abort / health / stats).
+
+All validation happens before a request reaches the engine; every error a client can cause
+maps to an OpenAI-shaped 4xx in one place (`_error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from tokenizers import Tokenizer
+
+from ponder import __version__
+from runtime.engine.params import ComputeParams, ParamError, SamplingParams
+from runtime.engine.scheduler import OverloadedError, RequestTooLongError
+from server.chat import render_chat
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+)
+
+log = logging.getLogger("ponder.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code or str(e.status)}}
+    return JSONResponse(body, status_code=e.status)
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    max_depth: int
+    max_model_len: int
+    default_compute_budget: float = 1.0
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float = 600.0
+    chat_template: str | None = None
+    eos_id: int | None = None
+
+
+@dataclass
+class _Seq:
+    """One generated sequence (a choice) of a request."""
+
+    index: int
+    prompt_len: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="Ponder", version=__version__)
+    metrics = ServerMetrics(config.model_name, config.max_depth, engine.stats)
+    counter = itertools.count()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {config.api_key}":
+                return _error_response(APIError(401, "invalid or missing API key", "authentication_error"))
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > config.max_body_bytes:
+            return _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))
+        return await call_next(request)
+
+    # ----- helpers -----
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+
+    def log_unknown(body) -> None:
+        if body.model_extra:
+            log.warning("ignoring unknown request fields: %s", sorted(body.model_extra))
+
+    def params(body, max_tokens: int, logprobs: int | None) -> tuple[SamplingParams, ComputeParams]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            sampling = SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                min_p=body.min_p, seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
+                ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens),
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, logprobs=logprobs,
+            )
+            compute = ComputeParams(compute_budget=body.compute_budget, min_depth=body.min_depth,
+                                    max_depth=body.max_depth, exit_price=body.exit_price)
+            compute.validate(config.max_depth)
+        except ParamError as e:
+            raise APIError(400, str(e), param=e.param) from e
+        return sampling, compute
+
+    async def run(prompts: list[list[int]], n: int, sampling: SamplingParams, compute: ComputeParams,
+                  started: float) -> AsyncIterator[tuple[_Seq, object]]:
+        """Start every (prompt, sample) sequence, then yield (seq, RequestOutput) as outputs arrive."""
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs, tasks = [], []
+        base = f"req-{next(counter)}-{uuid.uuid4().hex[:8]}"
+
+        async def pump(seq: _Seq, stream: AsyncIterator) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((seq, out))
+            except Exception as e:  # delivered to the consumer below
+                await queue.put((seq, e))
+            await queue.put((seq, None))
+
+        try:
+            for i, ids in enumerate(prompts):
+                for j in range(n):
+                    seq = _Seq(index=i * n + j, prompt_len=len(ids))
+                    seed = None if sampling.seed is None else sampling.seed + j
+                    # Raises validation and overload errors at once, before anything is sent.
+                    stream = engine.generate(f"{base}-{seq.index}", ids, replace(sampling, seed=seed), compute)
+                    seqs.append(seq)
+                    tasks.append(asyncio.create_task(pump(seq, stream)))
+        except (ParamError, RequestTooLongError) as e:
+            _cancel(tasks)
+            raise APIError(400, str(e), param=getattr(e, "param", "prompt")) from e
+        except OverloadedError as e:
+            _cancel(tasks)
+            raise APIError(429, f"server overloaded: {e or 'too many waiting requests'}; retry later",
+                           "overloaded_error", code="429") from e
+        remaining = len(seqs)
+        try:
+            while remaining:
+                seq, item = await asyncio.wait_for(queue.get(), timeout=max(0.1, config.request_timeout_s - (time.monotonic() - started)))
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                yield seq, item
+        except asyncio.TimeoutError:
+            raise APIError(408, f"request timed out after {config.request_timeout_s}s", "timeout_error") from None
+        finally:
+            _cancel(tasks)
+
+    def record(seq: _Seq, out, started: float, last: dict) -> None:
+        now = time.monotonic()
+        if out.new_token_ids:
+            if seq.index not in last:
+                metrics.ttft.labels(config.model_name).observe(now - started)
+            else:
+                metrics.itl.labels(config.model_name).observe(now - last[seq.index])
+            last[seq.index] = now
+        seq.text += out.new_text
+        seq.token_ids += out.new_token_ids
+        seq.depths += out.exit_depths
+        seq.logprobs += out.logprobs
+        for d in out.exit_depths:
+            metrics.exit_depth.labels(config.model_name).observe(d)
+        if out.finished:
+            seq.finish_reason = {"abort": "abort", "error": "error"}.get(out.finish_reason, out.finish_reason)
+            metrics.success.labels(config.model_name, out.finish_reason or "unknown").inc()
+            metrics.generation_tokens.labels(config.model_name).inc(len(seq.token_ids))
+
+    def usage(seqs: list[_Seq], prompt_tokens: int) -> dict:
+        depths = [d for s in seqs for d in s.depths]
+        mean = sum(depths) / len(depths) if depths else 0.0
+        completion = sum(len(s.token_ids) for s in seqs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+                "compute": {"mean_depth": mean, "max_depth": config.max_depth,
+                            "saved_fraction": 1.0 - mean / config.max_depth if depths and config.max_depth else 0.0,
+                            "thought_tokens": 0}}
+
+    def finish_request(body, started: float, prompt_tokens: int) -> None:
+        metrics.e2e.labels(config.model_name).observe(time.monotonic() - started)
+        metrics.prompt_tokens.labels(config.model_name).inc(prompt_tokens)
+        metrics.budget.labels(config.model_name).observe(body.compute_budget or config.default_compute_budget)
+
+    def encode_prompts(prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        out = [tokenizer.encode(p).ids if isinstance(p, str) else list(p) for p in prompts]
+        for ids in out:
+            if not ids:
+                raise APIError(400, "prompt is empty", param="prompt")
+            if len(ids) >= config.max_model_len:
+                raise APIError(400, f"prompt has {len(ids)} tokens; this model's context is {config.max_model_len}",
+                               param="prompt")
+        return out
+
+    def max_new(prompts: list[list[int]], asked: int | None) -> int:
+        room = config.max_model_len - max(len(p) for p in prompts)
+        if asked is not None and asked > room:
+            raise APIError(400, f"max_tokens={asked} plus the prompt exceeds the context of {config.max_model_len} "
+                                f"tokens; ask for at most {room}", param="max_tokens")
+        return asked if asked is not None else room
+
+    async def respond(body, prompts, sampling, compute, started, shape) -> Response:
+        prompt_tokens = sum(len(p) for p in prompts)
+        if not body.stream:
+            seqs: dict[int, _Seq] = {}
+            last: dict[int, float] = {}
+            async for seq, out in run(prompts, body.n, sampling, compute, started):
+                seqs[seq.index] = seq
+                record(seq, out, started, last)
+            ordered = [seqs[i] for i in sorted(seqs)]
+            finish_request(body, started, prompt_tokens)
+            return JSONResponse(shape.full(ordered, usage(ordered, prompt_tokens)))
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = run(prompts, body.n, sampling, compute, started)
+        first = await anext(stream, None)  # errors surface as HTTP errors, before the 200 is sent
+
+        async def events() -> AsyncIterator[str]:
+            seqs: dict[int, _Seq] = {}
+            last: dict[int, float] = {}
+            try:
+                item = first
+                while item is not None:
+                    seq, out = item
+                    seqs[seq.index] = seq
+                    record(seq, out, started, last)
+                    if out.new_text or out.finished or out.new_token_ids:
+                        yield f"data: {json.dumps(shape.chunk(seq, out))}\n\n"
+                    item = await anext(stream, None)
+                finish_request(body, started, prompt_tokens)
+                if include_usage:
+                    yield f"data: {json.dumps(shape.usage_chunk(usage(list(seqs.values()), prompt_tokens)))}\n\n"
+                yield "data: [DONE]\n\n"
+            except APIError as e:
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': str(e.status)}})}\n\n"
+            finally:
+                await stream.aclose()  # a client that went away aborts its sequences and frees their KV
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ----- endpoints -----
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        started = time.monotonic()
+        check_model(body.model)
+        log_unknown(body)
+        if body.echo:
+            raise APIError(400, "echo is not supported yet", param="echo")
+        prompts = encode_prompts(body.prompt)
+        if body.max_tokens == 0:
+            raise APIError(400, "max_tokens=0 needs echo with prompt logprobs, which is not supported yet",
+                           param="max_tokens")
+        sampling, compute = params(body, max_new(prompts, body.max_tokens), body.logprobs)
+        return await respond(body, prompts, sampling, compute, started, _CompletionShape(config.model_name, tokenizer, body.logprobs is not None))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> Response:
+        started = time.monotonic()
+        check_model(body.model)
+        log_unknown(body)
+        prompts = [tokenizer.encode(render_chat(body.messages, config.chat_template)).ids]
+        encode_prompts(prompts)
+        asked = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sampling, compute = params(body, max_new(prompts, asked), logprobs)
+        return await respond(body, prompts, sampling, compute, started, _ChatShape(config.model_name, tokenizer, body.logprobs))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "ponder", "max_model_len": config.max_model_len,
+                                            "max_depth": config.max_depth}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        state = engine.health()
+        return JSONResponse(state, status_code=200 if state["healthy"] else 503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        text = body.prompt if body.prompt is not None else render_chat(body.messages, config.chat_template)
+        ids = tokenizer.encode(text).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": config.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        vocab = tokenizer.get_vocab_size()
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def _cancel(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        t.cancel()
+
+
+def _logprobs_block(seq_logprobs, token_ids: list[int], depths: list[int], tokenizer: Tokenizer) -> dict:
+    return {
+        "tokens": [tokenizer.decode([t]) for t in token_ids],
+        "token_logprobs": [lp.logprob for lp in seq_logprobs],
+        "top_logprobs": [{tokenizer.decode([i]): v for i, v in lp.top_logprobs} for lp in seq_logprobs],
+        "exit_depths": depths,
+    }
+
+
+@dataclass
+class _CompletionShape:
+    model: str
+    tokenizer: Tokenizer
+    logprobs: bool  # the request asked for logprobs (each token's exit depth comes with them)
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _choice(self, seq: _Seq, text: str, token_ids, depths, logprobs, finish) -> dict:
+        choice = {"index": seq.index, "text": text, "finish_reason": finish, "logprobs": None}
+        if self.logprobs:
+            choice["logprobs"] = _logprobs_block(logprobs, token_ids, depths, self.tokenizer)
+        return choice
+
+    def full(self, seqs: list[_Seq], usage: dict) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [self._choice(s, s.text, s.token_ids, s.depths, s.logprobs, s.finish_reason) for s in seqs],
+                "usage": usage}
+
+    def chunk(self, seq: _Seq, out) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [self._choice(seq, out.new_text, out.new_token_ids, out.exit_depths, out.logprobs,
+                                         out.finish_reason if out.finished else None)]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage}
+
+
+@dataclass
+class _ChatShape(_CompletionShape):
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+
+    def _logprobs(self, logprobs, token_ids, depths) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": [
+            {"token": self.tokenizer.decode([t]), "logprob": lp.logprob, "exit_depth": d,
+             "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": v} for i, v in lp.top_logprobs]}
+            for t, lp, d in zip(token_ids, logprobs, depths)]}
+
+    def full(self, seqs: list[_Seq], usage: dict) -> dict:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
+                             "logprobs": self._logprobs(s.logprobs, s.token_ids, s.depths),
+                             "finish_reason": s.finish_reason} for s in seqs],
+                "usage": usage}
+
+    def chunk(self, seq: _Seq, out) -> dict:
+        delta = {"content": out.new_text}
+        if len(seq.token_ids) == len(out.new_token_ids):
+            delta["role"] = "assistant"
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": seq.index, "delta": delta,
+                             "logprobs": self._logprobs(out.logprobs, out.new_token_ids, out.exit_depths),
+                             "finish_reason": out.finish_reason if out.finished else None}]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage}
+

@@ -1,0 +1,68 @@
+"""`ponder serve`: the OpenAI-compatible server, with vLLM-style flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from runtime.checkpoint import DEFAULT_MODEL
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    s.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
+    s.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    s.add_argument("--default-compute-budget", type=float, default=1.0, help="budget when a request sets none")
+    s.add_argument("--max-num-seqs", type=int, default=32)
+    s.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    s.add_argument("--max-model-len", type=int, help="default: the model's max_seq_len")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=run_serve)
+
+
+def build_server(args: argparse.Namespace):
+    from pathlib import Path
+
+    from runtime.checkpoint import load_checkpoint
+    from runtime.devices import resolve_device, resolve_dtype
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.engine import EngineConfig, LLMEngine
+    from server.app import ServerConfig, build_app
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    engine_config = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_model_len=args.max_model_len, max_waiting=args.max_waiting, default_compute_budget=args.default_compute_budget,
+    )
+    engine = AsyncEngine(LLMEngine(ckpt, engine_config))
+    cfg = ckpt.config
+    config = ServerConfig(
+        model_name=args.served_model_name or Path(args.model).resolve().name, max_depth=cfg.max_depth,
+        max_model_len=args.max_model_len or cfg.max_seq_len, default_compute_budget=args.default_compute_budget,
+        api_key=args.api_key, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        eos_id=cfg.eos_id,
+    )
+    return build_app(engine, ckpt.tokenizer, config), engine
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, engine = build_server(args)
+
+    @app.on_event("shutdown")
+    def _drain() -> None:  # SIGTERM: stop taking requests, finish or abort in-flight ones
+        engine.shutdown(timeout=10.0)
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=15)

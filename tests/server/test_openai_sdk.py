@@ -1,0 +1,71 @@
+"""End to end: `ponder serve` on the embedded default model, driven by the official OpenAI SDK."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu",
+                             "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.25)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    yield base, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_openai_sdk_chat_and_completions_with_compute_params(server):
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    assert model == "austen-small"
+    full = client.completions.create(model=model, prompt="Anne Elliot", max_tokens=12, temperature=0,
+                                     extra_body={"compute_budget": 1.0})
+    half = client.completions.create(model=model, prompt="Anne Elliot", max_tokens=12, temperature=0,
+                                     extra_body={"compute_budget": 0.5})
+    assert full.usage.compute["mean_depth"] == 6.0 and full.usage.compute["saved_fraction"] == 0.0
+    assert half.usage.compute["mean_depth"] < 6.0 and half.usage.compute["saved_fraction"] > 0.2
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Who is Mr. Darcy?"}],
+                                          max_tokens=10, temperature=0, extra_body={"compute_budget": 0.5})
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 10
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Who is Mr. Darcy?"}],
+                                            max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"compute_budget": 0.5})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.compute["max_depth"] == 6
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="Anne Elliot", max_tokens=12, temperature=0, stream=True, extra_body={"compute_budget": 0.5}))
+    assert text == half.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="x", extra_body={"compute_budget": 2})
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="x")
+
+
+def test_sigterm_shuts_down_gracefully(server):
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    # uvicorn drains, then re-raises the signal it caught, so -SIGTERM is a clean exit too.
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    log = proc.stdout.read().decode()
+    assert "Finished server process" in log and "Traceback" not in log
