@@ -1,36 +1,9 @@
 """End to end: `ponder serve` on the embedded default model, driven by the official OpenAI SDK."""
 
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import openai
 import pytest
-
-
-@pytest.fixture(scope="module")
-def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
-    yield base, proc
-    if proc.poll() is None:
-        proc.kill()
 
 
 def test_openai_sdk_chat_and_completions_with_compute_params(server):
