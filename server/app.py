@@ -54,7 +54,6 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0
     chat_template: str | None = None
-    eos_id: int | None = None
 
 
 @dataclass

@@ -50,7 +50,6 @@ def build_server(args: argparse.Namespace):
         model_name=args.served_model_name or Path(args.model).resolve().name, max_depth=cfg.max_depth,
         max_model_len=args.max_model_len or cfg.max_seq_len, default_compute_budget=args.default_compute_budget,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-        eos_id=cfg.eos_id,
     )
     return build_app(engine, ckpt.tokenizer, config), engine
 
