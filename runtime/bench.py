@@ -119,6 +119,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", default="results/bench.json")
     b.add_argument("--prompt-file", help="take prompts from this text file (default: random token ids)")
     b.add_argument("--threads", type=int)
-    b.set_defaults(func=lambda a: (torch.set_num_threads(a.threads) if a.threads else None, run_bench(
-        a.model, [int(x) for x in a.batch_sizes.split(",")], [float(x) for x in a.budgets.split(",")],
-        a.prompt_len, a.max_tokens, a.device, a.dtype, a.out, a.prompt_file)))
+    b.set_defaults(func=_run_from_args)
+
+
+def _run_from_args(a: argparse.Namespace) -> None:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run_bench(a.model, [int(x) for x in a.batch_sizes.split(",")], [float(x) for x in a.budgets.split(",")],
+              a.prompt_len, a.max_tokens, a.device, a.dtype, a.out, a.prompt_file)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.engine.kv_cache import PagedKVCache, flat_positions
+from runtime.engine.kv_cache import PagedKVCache
 from runtime.layers import Block
 from runtime.model import PonderModel
 
@@ -113,21 +113,19 @@ class Executor:
     # ----- batch layout -----
 
     def _batch(self, seqs: list[SeqInput]) -> _Batch:
-        bs = self.cache.block_size
-        positions, index, seq_ids, contexts = [], [], [], []
-        for i, s in enumerate(seqs):
-            end = s.start_position + len(s.token_ids)
-            positions += range(s.start_position, end)
-            context = flat_positions(s.block_table, 0, end, bs)
-            index += context[s.start_position :]
-            seq_ids += [i] * len(s.token_ids)
-            contexts.append(context)
-        lmax = max(len(c) for c in contexts)
-        ctx = torch.tensor([c + [0] * (lmax - len(c)) for c in contexts], device=self.device)
-        pos = torch.tensor(positions, device=self.device)
+        """Row and context indices from the block tables, as tensor ops (no per-position Python)."""
+        bs, dev = self.cache.block_size, self.device
+        starts = torch.tensor([s.start_position for s in seqs], device=dev)
+        counts = torch.tensor([len(s.token_ids) for s in seqs], device=dev)
+        ctx_len = starts + counts
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device=dev)
+        key_pos = torch.arange(int(ctx_len.max()), device=dev)
+        ctx = tables[:, key_pos // bs] * bs + key_pos % bs  # (S, Lmax); padding is masked by position
+        seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
+        pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
         cos, sin = self.model.rope(pos)
-        return _Batch(pos, torch.tensor(index, device=self.device), torch.tensor(seq_ids, device=self.device), ctx,
-                      torch.tensor([len(c) for c in contexts], device=self.device), cos, sin,
+        return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin,
                       one_row_per_seq=all(len(s.token_ids) == 1 for s in seqs))
 
     def _exit_rows(self, seqs: list[SeqInput]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

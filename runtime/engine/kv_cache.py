@@ -48,7 +48,3 @@ class PagedKVCache:
         """index: (R, L) flat positions -> k, v: (R, Hkv, L, D)."""
         return self.k[slot][index].transpose(1, 2), self.v[slot][index].transpose(1, 2)
 
-
-def flat_positions(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Flat cache indices of positions start..end-1 of a sequence with this block table."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
