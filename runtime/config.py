@@ -42,6 +42,8 @@ class ModelConfig:
     step_embedding: bool = True  # add P(s) before each core step (and to router/exit inputs)
     block_embedding: bool = True  # add B(b) before block b
     exit_hidden: int = 64  # hidden width of the exit/value head MLP
+    exit_step_bias: bool = False  # exit head adds a learned per-step bias (tells it the depth without P(s))
+    exit_adapter_rank: int = 0  # >0: per-depth low-rank translators of an exit state before decoding
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -62,7 +64,7 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("n_prelude", "n_coda", "max_depth", "min_depth"):
+        for name in ("n_prelude", "n_coda", "max_depth", "min_depth", "exit_adapter_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.schedule not in SCHEDULES:

@@ -37,6 +37,7 @@ class ExitSpec:
     depths: Tensor | None = None
     min_depth: int | None = None
     max_depth: int | None = None
+    confidence: float | None = None  # CALM baseline: exit once the decoded top-1 probability >= this
 
 
 @dataclass
@@ -51,16 +52,37 @@ class ForwardOutput:
 
 
 class ExitHead(nn.Module):
-    """Value head: predicts how much cross-entropy more core steps would still remove (>= 0)."""
+    """Value head: predicts how much cross-entropy more core steps would still remove (>= 0).
+
+    Models with step embeddings see the step in their input; models without them (an imported
+    dense model must keep its layers' inputs untouched) get a learned per-step bias instead.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.fc = nn.Linear(cfg.d_model, cfg.exit_hidden)
+        self.step_bias = nn.Embedding(max(cfg.max_depth, 1), cfg.exit_hidden) if cfg.exit_step_bias else None
         self.out = nn.Linear(cfg.exit_hidden, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.softplus(self.out(F.gelu(self.fc(self.norm(x))))).squeeze(-1)
+    def forward(self, x: Tensor, s: int) -> Tensor:
+        hidden = self.fc(self.norm(x))
+        if self.step_bias is not None:
+            hidden = hidden + self.step_bias.weight[s]
+        return F.softplus(self.out(F.gelu(hidden))).squeeze(-1)
+
+
+class ExitAdapter(nn.Module):
+    """Tuned-lens translator for one depth: h + up(down(h)), so the final norm and head can decode
+    a state that left the core early. Starts as the identity (the plain logit lens)."""
+
+    def __init__(self, d_model: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_model)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(self.down(h))
 
 
 class PonderModel(nn.Module):
@@ -80,6 +102,8 @@ class PonderModel(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_pool) if cfg.schedule == "routed" else None
         self.router_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.schedule == "routed" else None
         self.exit_head = ExitHead(cfg)
+        self.exit_adapters = (nn.ModuleList(ExitAdapter(cfg.d_model, cfg.exit_adapter_rank) for _ in range(cfg.max_depth))
+                              if cfg.exit_adapter_rank else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,6 +118,8 @@ class PonderModel(nn.Module):
         for p in (self.step_emb, self.block_emb):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
+        for adapter in self.exit_adapters or []:
+            nn.init.zeros_(adapter.up.weight)
 
     # ----- pieces the engine and trainers call -----
 
@@ -106,9 +132,9 @@ class PonderModel(nn.Module):
     def block_input(self, h_step: Tensor, b: int) -> Tensor:
         return h_step + self.block_emb[b] if self.block_emb is not None else h_step
 
-    def exit_score(self, h_step: Tensor) -> Tensor:
+    def exit_score(self, h_step: Tensor, s: int) -> Tensor:
         # The value head reads a detached state so its regression never shapes the trunk.
-        return self.exit_head(h_step.detach())
+        return self.exit_head(h_step.detach(), s)
 
     def route_logits(self, h_step: Tensor) -> Tensor:
         assert self.router is not None
@@ -118,8 +144,21 @@ class PonderModel(nn.Module):
         """The block a non-routed schedule applies at step s."""
         return s if self.cfg.schedule == "fixed" else 0
 
-    def decode(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Coda, final norm and LM head on core states h (B, T, d)."""
+    def adapt_exit(self, h: Tensor, depth: Tensor) -> Tensor:
+        """Each state through the exit adapter of its depth (..., d); full-depth states pass as they are."""
+        if self.exit_adapters is None:
+            return h
+        out = h.clone()
+        for d in torch.unique(depth).tolist():
+            if d < self.cfg.max_depth:
+                rows = depth == d
+                out[rows] = self.exit_adapters[d](h[rows])
+        return out
+
+    def decode(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, depth: Tensor | None = None) -> Tensor:
+        """Exit adapters (given each state's depth), coda, final norm and LM head on core states h (B, T, d)."""
+        if depth is not None:
+            h = self.adapt_exit(h, depth)
         for block in self.coda:
             h = block(h, cos, sin, mask)
         return self.head(self.norm(h))
@@ -174,9 +213,14 @@ class PonderModel(nn.Module):
             if return_states:
                 states.append(h)
             h_step = self.step_input(h, s)
-            score = self.exit_score(h_step)
+            score = self.exit_score(h_step, s)
             scores.append(score)
-            active = active & ~self._stops(s, score, exit, min_depth, max_depth)
+            if exit.confidence is not None:  # CALM: 1 - top-1 probability of decoding here, exit below 1 - c
+                top1 = self.decode(h, cos, sin, mask, depth).float().softmax(-1).amax(-1)
+                score, exit_at = 1 - top1, ExitSpec(price=1 - exit.confidence)
+            else:
+                exit_at = exit
+            active = active & ~self._stops(s, score, exit_at, min_depth, max_depth)
             weights, choice = self._route(h_step, router_mode, gumbel_tau, gumbel_scale, generator, router_logits, s)
             h_new = self._core_step(s, h_step, active, weights, choice, cos, sin, mask, fill)
             h = torch.where(active[..., None], h_new, h)
@@ -185,7 +229,7 @@ class PonderModel(nn.Module):
         if return_states:
             states.append(h)
         return ForwardOutput(
-            logits=self.decode(h, cos, sin, mask),
+            logits=self.decode(h, cos, sin, mask, depth),
             depth=depth,
             path=path,
             exit_scores=torch.stack(scores, dim=-1) if scores else h.new_zeros(B, T, 0),

