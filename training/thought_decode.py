@@ -36,7 +36,7 @@ def decode(model: PonderModel, prompts: Tensor, max_new_tokens: int, max_thought
     pad = eos if pad is None else pad
     N = len(prompts)
     ids = prompts
-    in_thought = torch.zeros(N, dtype=torch.bool)
+    in_thought = prompts[:, -1] == start  # a prompt that ends with <think> starts in a thought
     count = torch.zeros(N, dtype=torch.long)
     done = torch.zeros(N, dtype=torch.bool)
     logprobs, forced_all = [], []

@@ -1,12 +1,14 @@
 """Multi-digit addition with thought chains: a task where thinking pays.
 
-    prompt:  a_{n-1} .. a_0 + b_{n-1} .. b_0 =
-    output:  <think> s_0 c_1 s_1 c_2 .. s_{n-1} c_n </think> c_n s_{n-1} .. s_0 <eos>
+    prompt:  a_0 a_1 .. a_{n-1} + b_0 .. b_{n-1} =       (operands least significant digit first)
+    output:  <think> t_0 t_1 .. t_{n-1} </think> c_n s_{n-1} .. s_0 <eos>
 
-The answer is written most significant digit first (zero-padded to n+1 digits), so its first
-digit already depends on the whole carry chain: hard to get right directly for a small model.
-The supervised thought works the sum out least significant digit first, one digit and its
-carry per step (2n tokens), after which every answer digit is a copy.
+The answer is written most significant digit first (n+1 digits), so its first digit already
+depends on the whole carry chain: hard to get right directly for a small model. The supervised
+thought works the sum out least significant digit first, one token per digit: t_i is the digit
+s_i = (a_i + b_i + c_i) mod 10, written as 0-9 when no carry goes out of it and as a-j (for 0-9)
+when one does. Each thought token reads its operand digits at a fixed distance and the carry from
+the token before it; after the thought every answer digit is a copy.
 
 Training mixes three things, so that one checkpoint serves every thought budget and both KV modes:
 - a `truncate_fraction` of examples has the thought cut at a random length k < 2n (k = 0, the
@@ -28,8 +30,10 @@ from torch import Tensor
 from runtime.thought_mask import thought_attention_mask
 from training.tasks import IGNORE, Task, symbol_tokenizer
 
-SYMBOLS = [str(d) for d in range(10)] + ["+", "=", "<think>", "</think>", "<eos>", "<pad>"]
+CARRY_DIGITS = [chr(ord("a") + d) for d in range(10)]  # thought digit d with a carry out of it
+SYMBOLS = [str(d) for d in range(10)] + ["+", "=", "<think>", "</think>", "<eos>", "<pad>"] + CARRY_DIGITS
 PLUS, EQUALS, THINK, END_THINK, EOS, PAD = range(10, 16)
+CARRY_BASE = 16  # token id of carry digit 0
 
 
 def addition_tokenizer() -> Tokenizer:
@@ -45,25 +49,31 @@ def digits_of(x: Tensor, n: int) -> Tensor:
 
 
 def thought_chain(a: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """(N,) operands -> thought (N, 2n): s_0 c_1 s_1 c_2 ..., and answer (N, n+1), MSB first."""
+    """(N,) operands -> thought (N, n), least significant digit first, and answer (N, n+1), MSB first."""
     da, db = digits_of(a, n).flip(1), digits_of(b, n).flip(1)  # least significant first
     carry = torch.zeros_like(a)
     thought = []
     for i in range(n):
         total = da[:, i] + db[:, i] + carry
         carry = total // 10
-        thought += [total % 10, carry]
+        thought.append(torch.where(carry > 0, CARRY_BASE + total % 10, total % 10))
     return torch.stack(thought, 1), digits_of(a + b, n + 1)
 
 
 def prompt_ids(a: Tensor, b: Tensor, n: int) -> Tensor:
-    """(N, 2n+2): the digits of a, +, the digits of b, =."""
+    """(N, 2n+2): the digits of a (least significant first), +, the digits of b, =."""
     N = len(a)
-    return torch.cat([digits_of(a, n), torch.full((N, 1), PLUS), digits_of(b, n), torch.full((N, 1), EQUALS)], 1)
+    return torch.cat([digits_of(a, n).flip(1), torch.full((N, 1), PLUS), digits_of(b, n).flip(1),
+                      torch.full((N, 1), EQUALS)], 1)
 
 
 def format_problem(a: int, b: int, n: int) -> str:
-    return f"{a:0{n}d}+{b:0{n}d}="
+    """The prompt text: operands written least significant digit first."""
+    return f"{a:0{n}d}"[::-1] + "+" + f"{b:0{n}d}"[::-1] + "="
+
+
+def answer_text(a: int, b: int, n: int) -> str:
+    return f"{a + b:0{n + 1}d}"
 
 
 @dataclass(kw_only=True)
@@ -77,7 +87,7 @@ class AdditionTask(Task):
 
     @property
     def thought_len(self) -> int:
-        return 2 * self.n_digits
+        return self.n_digits
 
     @property
     def prompt_len(self) -> int:
@@ -127,7 +137,7 @@ class AdditionTask(Task):
             yield self._batch(chunk, torch.full((len(chunk),), self.thought_len))
 
 
-def addition_task(n_digits: int = 5, train_size: int = 200_000, test_size: int = 2000, seed: int = 0,
+def addition_task(n_digits: int = 6, train_size: int = 200_000, test_size: int = 2000, seed: int = 0,
                   truncate_fraction: float = 0.5, discard_fraction: float = 0.5) -> AdditionTask:
     """n-digit addition with supervised thought chains; `test_size` problems each are held out for
     validation and test, and never appear in training."""
@@ -139,12 +149,12 @@ def addition_task(n_digits: int = 5, train_size: int = 200_000, test_size: int =
     keys = pairs[:, 0] * hi + pairs[:, 1]
     valid, test = pairs[train_size : train_size + test_size], pairs[train_size + test_size :]
     train = pairs[:train_size][~torch.isin(keys[:train_size], keys[train_size:])]
-    seq_len = 3 * n_digits + 6 + 2 * n_digits - 1  # ids per full example (targets shifted by one)
+    seq_len = 4 * n_digits + 5  # ids per full example: prompt 2n+2, thought n+2, answer n+1, eos; minus one
     return AdditionTask(
         name="addition", tokenizer=addition_tokenizer(), seq_len=seq_len, train=train, valid=test, test=test,
         answer_only=False, n_digits=n_digits, train_pairs=train, valid_pairs=valid, test_pairs=test,
         truncate_fraction=truncate_fraction, discard_fraction=discard_fraction,
         special_ids={"eos_id": EOS, "pad_id": PAD, "think_start_id": THINK, "think_end_id": END_THINK},
         config_fields={"thought_kv": ["keep", "discard"] if discard_fraction > 0 else ["keep"],
-                       "default_thought_tokens": 2 * n_digits},
+                       "default_thought_tokens": n_digits},
     )
