@@ -10,11 +10,11 @@ TRAIN_DEFAULTS = {
     # task: (preset, overrides of TrainConfig)
     "digits": ("digits-routed", dict(steps=4000, batch_size=128, lr=2e-3, full_depth_steps=2000)),
     "modadd": ("modadd-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
-    # 6-digit addition with thought chains: a 4-layer dense transformer (fixed depth; compute_budget
+    # 6-digit addition with thought chains: a 2-layer dense transformer (fixed depth; compute_budget
     # scales only the thought cap), trained with both thought KV modes.
     "addition": ("tiny", dict(steps=2500, batch_size=64, lr=2e-3, warmup=100, audit_fraction=1.0, value_weight=0.0,
                               ds_weight=0.0, log_every=25, save_every=250,
-                              model_overrides=dict(d_model=128, n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=1,
+                              model_overrides=dict(d_model=128, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
                                                    n_pool=2, max_depth=2, min_depth=2, max_seq_len=48,
                                                    exit_hidden=16))),
     "austen": ("austen-small", dict(steps=800, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,

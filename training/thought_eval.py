@@ -61,7 +61,7 @@ def evaluate_thoughts(checkpoint: Path, num_problems: int, max_num_seqs: int, ou
     task = addition_task(n_digits=n, train_size=1)
     problems = [tuple(p) for p in task.test_pairs[:num_problems].tolist()]
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(1024, max_num_seqs),
-                                          block_size=4))
+                                          block_size=4, max_waiting=len(problems)))
     result = {"checkpoint": str(checkpoint), "n_digits": n, "trained_thought_tokens": n,
               "num_problems": len(problems), "threads": torch.get_num_threads(), "runs": [], "kv_trace": {}}
     caps = [0, n // 2, n]
