@@ -13,6 +13,7 @@ FORMAT_VERSION = 1
 
 SCHEDULES = ("fixed", "recurrent", "routed")
 KV_FILLS = ("propagate", "latest", "shared")
+THOUGHT_KV_MODES = ("keep", "discard")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,13 @@ class ModelConfig:
     pad_id: int | None = None
     think_start_id: int | None = None
     think_end_id: int | None = None
+    # Thought KV modes the model was trained for, preferred first: 'keep' (thoughts stay in context)
+    # and/or 'discard' (positions after the first visible token past </think> never see the thought
+    # span; see runtime/thought_mask.py). Serving refuses a mode that is not listed here.
+    thought_kv: list[str] = field(default_factory=lambda: ["keep"])
+    # The thought length the model was trained to write; the engine's default max_thought_tokens is
+    # round(compute_budget * default_thought_tokens). None: no default cap (max_tokens bounds thoughts).
+    default_thought_tokens: int | None = None
     format_version: int = FORMAT_VERSION
     notes: dict[str, Any] = field(default_factory=dict)  # free-form provenance (task, training run)
 
@@ -90,11 +98,29 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_thoughts()
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version={self.format_version} is newer than this Ponder supports "
                 f"({FORMAT_VERSION}); upgrade ponder to load this checkpoint"
             )
+
+    def _check_thoughts(self) -> None:
+        modes = self.thought_kv
+        if not isinstance(modes, list) or not modes or any(m not in THOUGHT_KV_MODES for m in modes) \
+                or len(set(modes)) != len(modes):
+            raise ConfigError(f"thought_kv={modes!r} must be a non-empty list of distinct modes from {THOUGHT_KV_MODES}")
+        thinks = self.think_start_id is not None and self.think_end_id is not None
+        if "discard" in modes and not thinks:
+            raise ConfigError("thought_kv lists 'discard' but think_start_id/think_end_id are not set; "
+                              "a model trained to discard thoughts needs both thought markers")
+        if self.think_start_id is not None and self.think_start_id == self.think_end_id:
+            raise ConfigError(f"think_start_id and think_end_id are both {self.think_start_id}; they must differ")
+        if self.default_thought_tokens is not None:
+            if not isinstance(self.default_thought_tokens, int) or self.default_thought_tokens < 0:
+                raise ConfigError(f"default_thought_tokens={self.default_thought_tokens!r} must be an integer >= 0")
+            if not thinks:
+                raise ConfigError("default_thought_tokens is set but think_start_id/think_end_id are not")
 
     @property
     def head_dim(self) -> int:

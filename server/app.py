@@ -54,6 +54,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0
     chat_template: str | None = None
+    thought_kv_modes: list[str] = field(default_factory=lambda: ["keep"])  # what the checkpoint was trained for
 
 
 @dataclass
@@ -66,6 +67,9 @@ class _Seq:
     token_ids: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    hidden: list[bool] = field(default_factory=list)  # per token: a thought or thought marker
+    reasoning: str = ""
+    thought_tokens: int = 0
     finish_reason: str | None = None
 
 
@@ -116,8 +120,10 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
                 frequency_penalty=body.frequency_penalty, logprobs=logprobs,
             )
             compute = ComputeParams(compute_budget=body.compute_budget, min_depth=body.min_depth,
-                                    max_depth=body.max_depth, exit_price=body.exit_price)
-            compute.validate(config.max_depth)
+                                    max_depth=body.max_depth, exit_price=body.exit_price,
+                                    max_thought_tokens=body.max_thought_tokens, include_thoughts=body.include_thoughts,
+                                    thought_kv=body.thought_kv)
+            compute.validate(config.max_depth, config.thought_kv_modes)
         except ParamError as e:
             raise APIError(400, str(e), param=e.param) from e
         return sampling, compute
@@ -180,6 +186,11 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         seq.token_ids += out.new_token_ids
         seq.depths += out.exit_depths
         seq.logprobs += out.logprobs
+        seq.hidden += out.hidden or [False] * len(out.new_token_ids)
+        seq.reasoning += out.new_reasoning_text
+        seq.thought_tokens = out.num_thought_tokens
+        if out.num_new_thought_tokens:
+            metrics.thought_tokens.labels(config.model_name).inc(out.num_new_thought_tokens)
         for d in out.exit_depths:
             metrics.exit_depth.labels(config.model_name).observe(d)
         if out.finished:
@@ -191,15 +202,23 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         depths = [d for s in seqs for d in s.depths]
         mean = sum(depths) / len(depths) if depths else 0.0
         completion = sum(len(s.token_ids) for s in seqs)
+        thoughts = sum(s.thought_tokens for s in seqs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+                "completion_tokens_details": {"reasoning_tokens": thoughts},
                 "compute": {"mean_depth": mean, "max_depth": config.max_depth,
                             "saved_fraction": 1.0 - mean / config.max_depth if depths and config.max_depth else 0.0,
-                            "thought_tokens": 0}}
+                            "thought_tokens": thoughts}}
 
     def finish_request(body, started: float, prompt_tokens: int) -> None:
         metrics.e2e.labels(config.model_name).observe(time.monotonic() - started)
         metrics.prompt_tokens.labels(config.model_name).inc(prompt_tokens)
         metrics.budget.labels(config.model_name).observe(body.compute_budget or config.default_compute_budget)
+
+    def encode(text: str, param: str) -> list[int]:
+        try:
+            return tokenizer.encode(text).ids
+        except Exception as e:  # a closed-vocabulary tokenizer (no unknown token) cannot encode the text
+            raise APIError(400, f"{param}: this model's tokenizer cannot encode the text ({e})", param=param) from e
 
     def encode_prompts(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -210,7 +229,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
             prompts = list(prompt)
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        out = [tokenizer.encode(p).ids if isinstance(p, str) else list(p) for p in prompts]
+        out = [encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
         for ids in out:
             if not ids:
                 raise APIError(400, "prompt is empty", param="prompt")
@@ -279,19 +298,21 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, "max_tokens=0 needs echo with prompt logprobs, which is not supported yet",
                            param="max_tokens")
         sampling, compute = params(body, max_new(prompts, body.max_tokens), body.logprobs)
-        return await respond(body, prompts, sampling, compute, started, _CompletionShape(config.model_name, tokenizer, body.logprobs is not None))
+        return await respond(body, prompts, sampling, compute, started,
+                             _CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Response:
         started = time.monotonic()
         check_model(body.model)
         log_unknown(body)
-        prompts = [tokenizer.encode(render_chat(body.messages, config.chat_template)).ids]
+        prompts = [encode(render_chat(body.messages, config.chat_template), "messages")]
         encode_prompts(prompts)
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling, compute = params(body, max_new(prompts, asked), logprobs)
-        return await respond(body, prompts, sampling, compute, started, _ChatShape(config.model_name, tokenizer, body.logprobs))
+        return await respond(body, prompts, sampling, compute, started,
+                             _ChatShape(config.model_name, tokenizer, body.logprobs, body.include_thoughts))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -318,7 +339,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else render_chat(body.messages, config.chat_template)
-        ids = tokenizer.encode(text).ids
+        ids = encode(text, "prompt" if body.prompt is not None else "messages")
         return {"tokens": ids, "count": len(ids), "max_model_len": config.max_model_len}
 
     @app.post("/detokenize")
@@ -338,6 +359,14 @@ def _cancel(tasks: list[asyncio.Task]) -> None:
         t.cancel()
 
 
+def _shown(include_thoughts: bool, hidden: list[bool], *columns: list) -> list[list]:
+    """Drop the entries of thought tokens from per-token columns unless thoughts were asked for."""
+    if include_thoughts:
+        return list(columns)
+    keep = [i for i, h in enumerate(hidden) if not h]
+    return [[c[i] for i in keep] for c in columns]
+
+
 def _logprobs_block(seq_logprobs, token_ids: list[int], depths: list[int], tokenizer: Tokenizer) -> dict:
     return {
         "tokens": [tokenizer.decode([t]) for t in token_ids],
@@ -352,23 +381,29 @@ class _CompletionShape:
     model: str
     tokenizer: Tokenizer
     logprobs: bool  # the request asked for logprobs (each token's exit depth comes with them)
+    include_thoughts: bool = False  # reasoning_content, and logprobs of thought tokens
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def _choice(self, seq: _Seq, text: str, token_ids, depths, logprobs, finish) -> dict:
+    def _choice(self, seq: _Seq, text: str, reasoning: str, token_ids, depths, logprobs, hidden, finish) -> dict:
         choice = {"index": seq.index, "text": text, "finish_reason": finish, "logprobs": None}
+        if self.include_thoughts:
+            choice["reasoning_content"] = reasoning
         if self.logprobs:
+            token_ids, depths, logprobs = _shown(self.include_thoughts, hidden, token_ids, depths, logprobs)
             choice["logprobs"] = _logprobs_block(logprobs, token_ids, depths, self.tokenizer)
         return choice
 
     def full(self, seqs: list[_Seq], usage: dict) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [self._choice(s, s.text, s.token_ids, s.depths, s.logprobs, s.finish_reason) for s in seqs],
+                "choices": [self._choice(s, s.text, s.reasoning, s.token_ids, s.depths, s.logprobs, s.hidden,
+                                         s.finish_reason) for s in seqs],
                 "usage": usage}
 
     def chunk(self, seq: _Seq, out) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [self._choice(seq, out.new_text, out.new_token_ids, out.exit_depths, out.logprobs,
+                "choices": [self._choice(seq, out.new_text, out.new_reasoning_text, out.new_token_ids, out.exit_depths,
+                                         out.logprobs, out.hidden or [False] * len(out.new_token_ids),
                                          out.finish_reason if out.finished else None)]}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -380,9 +415,10 @@ class _CompletionShape:
 class _ChatShape(_CompletionShape):
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
 
-    def _logprobs(self, logprobs, token_ids, depths) -> dict | None:
+    def _logprobs(self, logprobs, token_ids, depths, hidden) -> dict | None:
         if not self.logprobs:
             return None
+        token_ids, depths, logprobs = _shown(self.include_thoughts, hidden, token_ids, depths, logprobs)
         return {"content": [
             {"token": self.tokenizer.decode([t]), "logprob": lp.logprob, "exit_depth": d,
              "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": v} for i, v in lp.top_logprobs]}
@@ -390,18 +426,27 @@ class _ChatShape(_CompletionShape):
 
     def full(self, seqs: list[_Seq], usage: dict) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                             "logprobs": self._logprobs(s.logprobs, s.token_ids, s.depths),
+                "choices": [{"index": s.index, "message": self._message(s),
+                             "logprobs": self._logprobs(s.logprobs, s.token_ids, s.depths, s.hidden),
                              "finish_reason": s.finish_reason} for s in seqs],
                 "usage": usage}
 
+    def _message(self, seq: _Seq) -> dict:
+        message = {"role": "assistant", "content": seq.text}
+        if self.include_thoughts:
+            message["reasoning_content"] = seq.reasoning
+        return message
+
     def chunk(self, seq: _Seq, out) -> dict:
         delta = {"content": out.new_text}
+        if self.include_thoughts and out.new_reasoning_text:
+            delta["reasoning_content"] = out.new_reasoning_text
         if len(seq.token_ids) == len(out.new_token_ids):
             delta["role"] = "assistant"
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": seq.index, "delta": delta,
-                             "logprobs": self._logprobs(out.logprobs, out.new_token_ids, out.exit_depths),
+                             "logprobs": self._logprobs(out.logprobs, out.new_token_ids, out.exit_depths,
+                                                        out.hidden or [False] * len(out.new_token_ids)),
                              "finish_reason": out.finish_reason if out.finished else None}]}
 
     def usage_chunk(self, usage: dict) -> dict:

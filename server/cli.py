@@ -27,6 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--chat-template", help="a Jinja chat template (or a file holding one) over `messages`, "
+                                          "for checkpoints whose tokenizer has none")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=run_serve)
 
@@ -53,9 +55,17 @@ def build_server(args: argparse.Namespace):
         model_name=args.served_model_name or Path(args.model).resolve().name, max_depth=cfg.max_depth,
         max_model_len=args.max_model_len or cfg.max_seq_len, default_compute_budget=args.default_compute_budget,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-        chat_template=ckpt.chat_template,
+        chat_template=_read_template(args.chat_template) or ckpt.chat_template, thought_kv_modes=list(cfg.thought_kv),
     )
     return build_app(engine, ckpt.tokenizer, config), engine
+
+
+def _read_template(value: str | None) -> str | None:
+    from pathlib import Path
+
+    if value and len(value) < 4096 and Path(value).is_file():
+        return Path(value).read_text()
+    return value
 
 
 def run_serve(args: argparse.Namespace) -> None:

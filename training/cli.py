@@ -12,6 +12,13 @@ TRAIN_DEFAULTS = {
     # task: (preset, overrides of TrainConfig)
     "digits": ("digits-routed", dict(steps=4000, batch_size=128, lr=2e-3, full_depth_steps=2000)),
     "modadd": ("modadd-routed", dict(steps=3000, batch_size=128, lr=2e-3)),
+    # 6-digit addition with thought chains: a 2-layer dense transformer (fixed depth; compute_budget
+    # scales only the thought cap), trained with both thought KV modes.
+    "addition": ("tiny", dict(steps=2500, batch_size=64, lr=2e-3, warmup=100, audit_fraction=1.0, value_weight=0.0,
+                              ds_weight=0.0, log_every=25, save_every=250,
+                              model_overrides=dict(d_model=128, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
+                                                   n_pool=2, max_depth=2, min_depth=2, max_seq_len=48,
+                                                   exit_hidden=16))),
     "austen": ("austen-small", dict(steps=800, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,
                                     warmup=50, full_depth_steps=100, log_every=10, save_every=100)),
 }
@@ -74,6 +81,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="eval", help="output prefix for .json and .png")
     e.set_defaults(func=run_eval)
 
+    t = sub.add_parser("eval-thoughts", help="addition accuracy at thought budgets 0, half and the trained length, "
+                                             "served by the engine under each thought KV mode; JSON and a PNG")
+    t.add_argument("checkpoint")
+    t.add_argument("--problems", type=int, default=1000, help="held-out problems to answer")
+    t.add_argument("--max-num-seqs", type=int, default=64)
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--out", default="results/thoughts", help="output prefix for .json and .png")
+    t.set_defaults(func=run_eval_thoughts)
+
+    r = sub.add_parser("rl-thoughts", help="REINFORCE (TRICE-style) on the thought tokens of an addition checkpoint, "
+                                           "rewarded by the answer's log-likelihood")
+    r.add_argument("checkpoint")
+    r.add_argument("--out", required=True, help="run directory; writes OUT/final and OUT/metrics.jsonl")
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--batch-size", type=int, default=32, help="problems per step")
+    r.add_argument("--samples", type=int, default=4, help="thoughts sampled per problem (leave-one-out baseline)")
+    r.add_argument("--lr", type=float, default=1e-4)
+    r.add_argument("--max-thought-tokens", type=int, help="thought cap while sampling (default: the trained length)")
+    r.add_argument("--thought-kv", choices=["keep", "discard"], default="keep")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int)
+    r.set_defaults(func=run_rl_thoughts)
+
 
 def _parse_overrides(pairs: list[str]) -> dict:
     out = {}
@@ -94,7 +124,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     preset, defaults = TRAIN_DEFAULTS[args.task]
     fields = dict(defaults, task=args.task, preset=args.preset or preset, seed=args.seed, device=args.device,
-                  model_overrides=_parse_overrides(args.set))
+                  model_overrides={**defaults.get("model_overrides", {}), **_parse_overrides(args.set)})
     for name in ("steps", "batch_size", "lr", "audit_fraction", "full_depth_steps", "gumbel_scale"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -134,6 +164,31 @@ def run_eval_exits(args: argparse.Namespace) -> None:
     if not all(0 < b <= 1 for b in budgets):
         raise ValueError(f"--budgets {args.budgets}: each must be in (0, 1]")
     eval_exits_main(Path(args.checkpoint), budgets, args.windows, args.window, args.out)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def run_eval_thoughts(args: argparse.Namespace) -> None:
+    from training.thought_eval import evaluate_thoughts
+
+    if args.problems < 1 or args.max_num_seqs < 1:
+        raise ValueError(f"--problems={args.problems} and --max-num-seqs={args.max_num_seqs} must be >= 1")
+    _threads(args.threads)
+    evaluate_thoughts(Path(args.checkpoint), args.problems, args.max_num_seqs, args.out)
+
+
+def run_rl_thoughts(args: argparse.Namespace) -> None:
+    from training.thought_rl import RLConfig, rl_finetune
+
+    _threads(args.threads)
+    rl_finetune(Path(args.checkpoint), Path(args.out), RLConfig(
+        steps=args.steps, batch_size=args.batch_size, samples=args.samples, lr=args.lr,
+        max_thought_tokens=args.max_thought_tokens, thought_kv=args.thought_kv, seed=args.seed))
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -32,10 +32,12 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def depth_ces(model: PonderModel, out: ForwardOutput, targets: Tensor, depths: list[int], cos: Tensor, sin: Tensor) -> Tensor:
-    """CE (len(depths), B, T) decoding the states entering the given steps (deep supervision)."""
+def depth_ces(model: PonderModel, out: ForwardOutput, targets: Tensor, depths: list[int], cos: Tensor, sin: Tensor,
+              mask: Tensor | None = None) -> Tensor:
+    """CE (len(depths), B, T) decoding the states entering the given steps (deep supervision).
+    mask: the attention mask the forward ran with (None: causal)."""
     assert out.states is not None
-    return torch.stack([token_ce(model.decode(out.states[d], cos, sin), targets) for d in depths])
+    return torch.stack([token_ce(model.decode(out.states[d], cos, sin, mask), targets) for d in depths])
 
 
 def realised_gains(ce_by_depth: Tensor) -> Tensor:

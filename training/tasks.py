@@ -10,6 +10,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -39,6 +40,7 @@ class Task:
     answer_only: bool  # loss on the final position only (classification-style tasks)
     groups: dict[str, Tensor] = field(default_factory=dict)  # test-example labels, e.g. mode
     special_ids: dict[str, int] = field(default_factory=dict)
+    config_fields: dict[str, Any] = field(default_factory=dict)  # other ModelConfig fields the task sets
     # Optional curriculum: (training sequences, progress in [0, 1], generator) -> sequences.
     curriculum: Callable[[Tensor, float, torch.Generator], Tensor] | None = None
 
@@ -61,6 +63,10 @@ class Task:
             return self.pair(seqs)
         starts = torch.randint(len(self.train) - self.seq_len - 1, (batch_size,), generator=generator)
         return self.pair(torch.stack([self.train[s : s + self.seq_len + 1] for s in starts.tolist()]))
+
+    def train_mask(self, ids: Tensor, generator: torch.Generator) -> Tensor | None:
+        """The (B, 1, T, T) attention mask a training batch runs with; None is causal."""
+        return None
 
     def batches(self, split: str, batch_size: int, max_tokens: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Deterministic held-out batches ('valid' or 'test'); a stream is cut into windows."""
@@ -173,7 +179,13 @@ def austen_task(vocab_size: int = 4096, seq_len: int = 256, valid_fraction: floa
     )
 
 
-TASKS = {"digits": digits_task, "modadd": modadd_task, "austen": austen_task}
+def _addition_task(**kwargs) -> Task:
+    from training.thought_tasks import addition_task  # it imports this module
+
+    return addition_task(**kwargs)
+
+
+TASKS = {"digits": digits_task, "modadd": modadd_task, "austen": austen_task, "addition": _addition_task}
 
 
 def make_task(name: str, **kwargs) -> Task:

@@ -75,7 +75,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         cfg = ModelConfig.from_name(
             tcfg.preset, **{"vocab_size": task.vocab_size, "max_seq_len": max(task.seq_len, 8),
-                            **task.special_ids, **tcfg.model_overrides},
+                            **task.special_ids, **task.config_fields, **tcfg.model_overrides},
         )
         cfg.notes = {"task": task.name, "train_config": asdict(tcfg)}
         self.model = PonderModel(cfg).to(self.device)
@@ -127,6 +127,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
         rng = random.Random(t.seed * 1_000_003 + self.step)
         ids, targets = (x.to(self.device) for x in self.task.train_batch(t.batch_size, gen, self.step / t.steps))
+        attn = self.task.train_mask(ids, gen)  # None: causal
+        attn = attn.to(self.device) if attn is not None else None
         mask = targets != IGNORE
         audit = self.step < t.full_depth_steps or rng.random() < t.audit_fraction
         budget = 1.0 if audit else rng.choice(t.budgets)
@@ -134,7 +136,7 @@ class Trainer:
 
         model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16_autocast):
-            loss, metrics, out = self._losses(ids, targets, mask, audit, price, rng, gen)
+            loss, metrics, out = self._losses(ids, targets, mask, audit, price, rng, gen, attn)
 
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -153,10 +155,11 @@ class Trainer:
                 "depth_fraction": depth_fraction, "audit": float(audit), "lr": self.lr_at(self.step - 1),
                 **{f"price@{b}": self.controller.price(b) for b in t.budgets}}
 
-    def _losses(self, ids, targets, mask, audit: bool, price: float | None, rng: random.Random, gen: torch.Generator):
+    def _losses(self, ids, targets, mask, audit: bool, price: float | None, rng: random.Random, gen: torch.Generator,
+                attn=None):
         t, model = self.tcfg, self.model
         out = model(ids, ExitSpec(price=price), router_mode="gumbel" if model.router is not None else "argmax",
-                    gumbel_tau=t.gumbel_tau, gumbel_scale=t.gumbel_scale, generator=gen, return_states=True)
+                    gumbel_tau=t.gumbel_tau, gumbel_scale=t.gumbel_scale, generator=gen, return_states=True, mask=attn)
         cos, sin = model.rope(torch.arange(ids.shape[1], device=self.device))
         loss_exit = masked_mean(token_ce(out.logits, targets), mask)
         D = model.cfg.max_depth
@@ -164,7 +167,7 @@ class Trainer:
         ds: list[int] = []
         if t.ds_weight > 0:  # deep supervision at all depths, or a sample of them
             ds = list(range(D + 1)) if t.ds_depths <= 0 else sorted(rng.sample(range(D + 1), min(t.ds_depths, D + 1)))
-            ce_ds = depth_ces(model, out, targets, ds, cos, sin)
+            ce_ds = depth_ces(model, out, targets, ds, cos, sin, attn)
             loss_ds = masked_mean(ce_ds.mean(0), mask)
             loss = loss + t.ds_weight * loss_ds
             metrics["loss_ds"] = loss_ds.item()
@@ -175,7 +178,7 @@ class Trainer:
                 if ds:
                     ce_all[ds] = ce_ds.detach()
                 if missing:
-                    ce_all[missing] = depth_ces(model, out, targets, missing, cos, sin)
+                    ce_all[missing] = depth_ces(model, out, targets, missing, cos, sin, attn)
             loss_value = value_loss(out.exit_scores, realised_gains(ce_all), mask)
             loss = loss + t.value_weight * loss_value
             metrics["loss_value"] = loss_value.item()

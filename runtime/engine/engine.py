@@ -19,6 +19,7 @@ from runtime.engine.params import ComputeParams, ParamError, SamplingParams
 from runtime.engine.request import Request, RequestStatus
 from runtime.engine.sampler import Sampled, SampleRow, sample
 from runtime.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig
+from runtime.engine.thoughts import ThoughtState, TokenKind, thought_cap
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     mean_depth: float = 0.0  # over every position this request ran (prompt and output)
+    hidden: list[bool] = field(default_factory=list)  # per new token: a thought or a thought marker
+    new_reasoning_text: str = ""  # new thought text, only with include_thoughts
+    num_new_thought_tokens: int = 0
+    num_thought_tokens: int = 0  # so far in this request
 
 
 @dataclass
@@ -66,9 +71,14 @@ class _Live:
     compute: ComputeParams
     generator: torch.Generator
     stop_ids: set[int]
+    thoughts: ThoughtState
+    discard_thoughts: bool
     text: str = ""
     emitted_chars: int = 0
     depths: list[int] = field(default_factory=list)
+    visible_ids: list[int] = field(default_factory=list)
+    thought_ids: list[int] = field(default_factory=list)
+    emitted_reasoning_chars: int = 0
 
 
 class LLMEngine:
@@ -107,7 +117,7 @@ class LLMEngine:
         """Validates and queues a request; raises ParamError / RequestTooLongError / OverloadedError."""
         cfg = self.ckpt.config
         compute = compute or ComputeParams()
-        compute.validate(cfg.max_depth)
+        compute.validate(cfg.max_depth, cfg.thought_kv)
         if sampling.n != 1:
             raise ParamError("n", "the engine runs one sequence per request; fan n > 1 out above it")
         if not prompt_token_ids:
@@ -120,9 +130,13 @@ class LLMEngine:
         seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
         request = Request(request_id, list(prompt_token_ids), sampling.max_tokens)
         self.scheduler.add_request(request)
+        budget = compute.compute_budget if compute.compute_budget is not None else self.config.default_compute_budget
+        cap = thought_cap(compute.max_thought_tokens, budget, cfg.default_thought_tokens)
         self.live[request_id] = _Live(
             request, sampling, BudgetController(compute, self.ckpt.calibration, cfg.max_depth, self.config.default_compute_budget),
             compute, torch.Generator().manual_seed(seed), stop_ids,
+            ThoughtState.for_prompt(request.prompt_token_ids, cfg.think_start_id, cfg.think_end_id, cap),
+            discard_thoughts=(compute.thought_kv or cfg.thought_kv[0]) == "discard",
         )
 
     def abort(self, request_id: str) -> bool:
@@ -137,6 +151,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
+        self.cache.move([src for src, _ in sched_out.kv_moves], [dst for _, dst in sched_out.kv_moves])
         if not sched_out.scheduled:
             return []
         chunks = sched_out.scheduled
@@ -163,13 +178,15 @@ class LLMEngine:
     def _seq_input(self, chunk) -> SeqInput:
         live = self.live[chunk.request_id]
         return SeqInput(chunk.token_ids, chunk.start_position, chunk.block_table, price=live.budget.price,
-                        min_depth=live.compute.min_depth, max_depth=live.compute.max_depth)
+                        min_depth=live.compute.min_depth, max_depth=live.compute.max_depth,
+                        position_offset=chunk.position_offset)
 
     def _sample_row(self, request_id: str) -> SampleRow:
         live = self.live[request_id]
         req = live.request
         banned = sorted(live.stop_ids) if len(req.output_token_ids) < live.sampling.min_tokens else []
-        return SampleRow(live.sampling, req.prompt_token_ids, req.output_token_ids, live.generator, banned)
+        return SampleRow(live.sampling, req.prompt_token_ids, req.output_token_ids, live.generator, banned,
+                         forced=live.thoughts.forced_token())
 
     def _account(self, request_id: str, depths: list[int], paths: torch.Tensor) -> None:
         if request_id in self.live:
@@ -191,10 +208,11 @@ class LLMEngine:
             out.exit_depths = [new_depth[rid]]
             out.logprobs = [sampled[rid]]
             live.depths.append(new_depth[rid])
+            self._track_thoughts(live, out, update)
         finish = {RequestStatus.FINISHED_LENGTH: "length", RequestStatus.FINISHED_ABORTED: "abort",
                   RequestStatus.FINISHED_ERROR: "error", RequestStatus.FINISHED_STOPPED: "stop"}.get(update.status)
         token = update.new_token_ids[-1] if update.new_token_ids else None
-        visible = [t for t in req.output_token_ids if t not in live.stop_ids]
+        visible = [t for t in live.visible_ids if t not in live.stop_ids]
         live.text = self.tokenizer.decode(visible)
         if token is not None and token in live.stop_ids:
             finish = "stop"
@@ -213,9 +231,28 @@ class LLMEngine:
         out.new_text, live.emitted_chars = live.text[live.emitted_chars : ready], ready
         out.finished, out.finish_reason, out.error = finish is not None, finish, update.error
         out.mean_depth = live.budget.mean_depth
+        out.num_thought_tokens = live.thoughts.num_thought_tokens
         if out.finished:
             self.live.pop(rid, None)
         return out
+
+    def _track_thoughts(self, live: _Live, out: RequestOutput, update) -> None:
+        """Sort the new token into content or thought; register a closed span for KV discard."""
+        req = live.request
+        token, index = update.new_token_ids[-1], req.num_tokens - 1
+        kind, span = live.thoughts.observe(token, index)
+        out.hidden = [kind is not TokenKind.VISIBLE]
+        if kind is TokenKind.VISIBLE:
+            live.visible_ids.append(token)
+        elif kind is TokenKind.THOUGHT:
+            live.thought_ids.append(token)
+            out.num_new_thought_tokens = 1
+            if live.compute.include_thoughts:
+                reasoning = self.tokenizer.decode(live.thought_ids)
+                out.new_reasoning_text = reasoning[live.emitted_reasoning_chars :]
+                live.emitted_reasoning_chars = len(reasoning)
+        if span is not None and live.discard_thoughts and not update.finished:
+            self.scheduler.discard_thought(req.request_id, *span)
 
     # ----- stats -----
 

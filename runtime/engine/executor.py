@@ -33,6 +33,7 @@ class SeqInput:
     min_depth: int | None = None
     max_depth: int | None = None
     depths: list[int] | None = None  # forced per-token depths (an explicit exit specification)
+    position_offset: int = 0  # RoPE position = cache position + this (tokens of discarded thoughts)
 
 
 @dataclass
@@ -125,7 +126,8 @@ class Executor:
         ctx = tables[:, key_pos // bs] * bs + key_pos % bs  # (S, Lmax); padding is masked by position
         seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
         pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
-        cos, sin = self.model.rope(pos)
+        offsets = torch.tensor([s.position_offset for s in seqs], device=dev)
+        cos, sin = self.model.rope(pos + offsets[seq_ids])  # cache order is causal order; RoPE keeps token positions
         return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin,
                       one_row_per_seq=all(len(s.token_ids) == 1 for s in seqs))
 

@@ -44,6 +44,13 @@ class PagedKVCache:
         self.k[dst_slot, index] = self.k[src_slot, index]
         self.v[dst_slot, index] = self.v[src_slot, index]
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy every slot's entries at flat positions src to dst (compaction after a thought is dropped)."""
+        if src:
+            src_t, dst_t = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+            self.k[:, dst_t] = self.k[:, src_t]
+            self.v[:, dst_t] = self.v[:, src_t]
+
     def gather(self, slot: int, index: Tensor) -> tuple[Tensor, Tensor]:
         """index: (R, L) flat positions -> k, v: (R, Hkv, L, D)."""
         return self.k[slot][index].transpose(1, 2), self.v[slot][index].transpose(1, 2)

@@ -23,6 +23,8 @@ class CompletionOutput:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     mean_depth: float = 0.0  # over every position run for this sequence, prompt included
+    reasoning_text: str = ""  # the thoughts, with ComputeParams(include_thoughts=True)
+    num_thought_tokens: int = 0
 
 
 @dataclass
@@ -71,5 +73,7 @@ class LLM:
         seq.token_ids += out.new_token_ids
         seq.exit_depths += out.exit_depths
         seq.logprobs += out.logprobs
+        seq.reasoning_text += out.new_reasoning_text
+        seq.num_thought_tokens = out.num_thought_tokens
         if out.finished:
             seq.finish_reason, seq.mean_depth = out.finish_reason, out.mean_depth

@@ -63,14 +63,23 @@ class SamplingParams:
 @dataclass
 class ComputeParams:
     """compute_budget: target mean core depth as a fraction of max_depth, in (0, 1].
-    exit_price overrides it with a raw price; min_depth / max_depth bound every token."""
+    exit_price overrides it with a raw price; min_depth / max_depth bound every token.
+
+    Thoughts (tokens between <think> and </think>): max_thought_tokens caps them per request by
+    forcing </think> (default: round(compute_budget * the checkpoint's default_thought_tokens));
+    include_thoughts returns them as reasoning_content; thought_kv is 'keep' or 'discard'
+    (default: the checkpoint's first listed mode)."""
 
     compute_budget: float | None = None
     min_depth: int | None = None
     max_depth: int | None = None
     exit_price: float | None = None
+    max_thought_tokens: int | None = None
+    include_thoughts: bool = False
+    thought_kv: str | None = None
 
-    def validate(self, model_max_depth: int) -> None:
+    def validate(self, model_max_depth: int, thought_kv_modes: list[str] | None = None) -> None:
+        """thought_kv_modes: the modes the checkpoint was trained for (None: only 'keep')."""
         if self.compute_budget is not None and not 0.0 < self.compute_budget <= 1.0:
             raise ParamError("compute_budget", f"{self.compute_budget!r} must be in (0, 1]")
         if self.exit_price is not None and not self.exit_price >= 0.0:
@@ -81,3 +90,12 @@ class ComputeParams:
                 raise ParamError(name, f"{value!r} must be an integer in [0, {model_max_depth}] for this model")
         if self.min_depth is not None and self.max_depth is not None and self.min_depth > self.max_depth:
             raise ParamError("min_depth", f"{self.min_depth} must be <= max_depth={self.max_depth}")
+        if self.max_thought_tokens is not None and not (
+                isinstance(self.max_thought_tokens, int) and self.max_thought_tokens >= 0):
+            raise ParamError("max_thought_tokens", f"{self.max_thought_tokens!r} must be an integer >= 0")
+        if not isinstance(self.include_thoughts, bool):
+            raise ParamError("include_thoughts", f"{self.include_thoughts!r} must be true or false")
+        modes = thought_kv_modes or ["keep"]
+        if self.thought_kv is not None and self.thought_kv not in modes:
+            raise ParamError("thought_kv", f"{self.thought_kv!r} is not supported by this checkpoint, which was trained "
+                                           f"for {modes}; use one of those")

@@ -35,9 +35,14 @@ _FINISHED = frozenset(
 class Request:
     """One sequence the scheduler tracks.
 
-    Positions 0..num_computed_tokens-1 of `all_token_ids` have their KV in the cache
-    blocks listed in `block_table`. The last sampled token is not computed until the
-    next decode step, so a running request always has num_computed_tokens < num_tokens.
+    Cache positions 0..num_computed_tokens-1 have their KV in the blocks listed in
+    `block_table`. Cache position c holds token c, except after thought spans were discarded:
+    `discard_spans` lists token ranges [start, end) (a `<think>` and its thoughts, up to the
+    `</think>` at `end`) whose KV is dropped once `</think>` is computed and the first visible
+    token after it is known. The first `num_spans_discarded` spans are gone from the cache, and
+    `num_discarded` tokens with them, so later tokens sit at cache position token - num_discarded
+    (their RoPE position is still the token index). The last sampled token is not computed until
+    the next decode step, so a running request always has num_computed_tokens < num_cache_tokens.
     """
 
     request_id: str
@@ -49,6 +54,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    discard_spans: list[tuple[int, int]] = field(default_factory=list)
+    num_spans_discarded: int = 0
+    num_discarded: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -63,6 +71,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_cache_tokens(self) -> int:
+        """Positions the cache holds once every token is computed."""
+        return self.num_tokens - self.num_discarded
 
     @property
     def is_finished(self) -> bool:

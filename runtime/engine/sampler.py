@@ -17,6 +17,7 @@ class SampleRow:
     output_ids: list[int]
     generator: torch.Generator  # per request, so a seeded request reproduces in any batch
     banned: list[int]  # token ids not allowed yet (EOS/stop ids before min_tokens)
+    forced: int | None = None  # the token this row must take (</think> at the thought cap)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
 
     out = []
     for i, row in enumerate(rows):
-        token = int(chosen[i])
+        token = int(chosen[i]) if row.forced is None else row.forced
         top = []
         if row.params.logprobs:
             values, ids = raw_logprobs[i].topk(row.params.logprobs)

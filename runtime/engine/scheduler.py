@@ -11,6 +11,14 @@ chunked prefill gets its next chunk), then admits waiting requests first come, f
 served. When a running request cannot get a KV block, the most recently arrived running
 request is preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue, to prefill prompt + outputs again later.
+
+Thought KV discard: the engine registers a finished thought span with `discard_thought()`.
+Once its `</think>` is computed and the token after it is known, the next `schedule()` drops
+the span from the request's cache: the KV of the positions computed after the span (`</think>`)
+is moved down over the span's start (`SchedulerOutput.kv_moves`, which the executor applies
+before anything runs), and the blocks past the new end are freed, so the span returns whole
+blocks. A preempted request replays its spans: prefill stops at each `</think>` so the span is
+dropped again before anything later is computed, exactly as it was the first time.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class ScheduledChunk:
     start_position: int
     block_table: list[int]  # a copy; covers start_position + len(token_ids) positions
     samples: bool  # the chunk ends at the sequence's last known token: sample the next one
+    position_offset: int = 0  # RoPE position = cache position + offset (tokens of discarded thoughts)
 
 
 @dataclass
@@ -90,6 +99,7 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)  # evicted this step; drop their state
     finished_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
     num_batched_tokens: int = 0
+    kv_moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) flat cache positions, all slots
 
 
 @dataclass
@@ -135,7 +145,7 @@ class Scheduler:
         cfg = self.config
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; give each request a unique id")
-        if req.status is not RequestStatus.WAITING or req.block_table or req.num_computed_tokens:
+        if req.status is not RequestStatus.WAITING or req.block_table or req.num_computed_tokens or req.discard_spans:
             raise ValueError(f"request {req.request_id!r} is not fresh (status {req.status.name}); add a new Request")
         if len(self.waiting) >= cfg.max_waiting:
             raise OverloadedError(f"{len(self.waiting)} requests are already waiting (max_waiting={cfg.max_waiting})")
@@ -170,6 +180,16 @@ class Scheduler:
         self._finish(req, status)
         return True
 
+    def discard_thought(self, request_id: str, start: int, end: int) -> None:
+        """Drop the KV of tokens [start, end) (a `<think>` and its thoughts; token `end` is the
+        `</think>`) once `</think>` is computed and the token after it is known."""
+        req = self.requests[request_id]
+        last = req.discard_spans[-1][1] if req.discard_spans else -1
+        if not last < start < end < req.num_tokens:
+            raise ValueError(f"thought span [{start}, {end}) of request {request_id!r} must follow the last one "
+                             f"(ending at {last}) and close at a known token (< {req.num_tokens})")
+        req.discard_spans.append((start, end))
+
     def get_request(self, request_id: str) -> Request | None:
         """The live (unfinished) request with this id, if any."""
         return self.requests.get(request_id)
@@ -203,6 +223,7 @@ class Scheduler:
         chunks: dict[str, ScheduledChunk] = {}
         preempted_ids: list[str] = []
         budget = cfg.max_num_batched_tokens
+        kv_moves = [move for req in self.running for move in self._discard_ready_spans(req)]
 
         # Running requests first: decodes and the next chunk of unfinished prefills.
         for req in list(self.running):
@@ -210,7 +231,7 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget, cfg.long_prefill_token_threshold)
+            num_new = min(self._num_computable(req), budget, cfg.long_prefill_token_threshold)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             num_needed = self.allocator.num_blocks_for(req.num_computed_tokens + num_new) - len(req.block_table)
             while num_needed > self.allocator.num_free:
@@ -236,7 +257,7 @@ class Scheduler:
         while not preempted_ids and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             assert req.num_computed_tokens == 0 and not req.block_table
-            num_new = min(req.num_tokens, budget, cfg.long_prefill_token_threshold)
+            num_new = min(self._num_computable(req), budget, cfg.long_prefill_token_threshold)
             num_needed = self.allocator.num_blocks_for(num_new)
             if num_needed > self.allocator.num_free:
                 break
@@ -253,6 +274,7 @@ class Scheduler:
             preempted_ids=preempted_ids,
             finished_ids=self._finished_ids,
             num_batched_tokens=sum(len(c.token_ids) for c in scheduled),
+            kv_moves=kv_moves,
         )
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens and len(scheduled) <= cfg.max_num_seqs
         self._finished_ids = []
@@ -307,13 +329,42 @@ class Scheduler:
         start = req.num_computed_tokens
         end = start + num_new
         assert len(req.block_table) * self.config.block_size >= end
+        offset = req.num_discarded  # every span before `start` is gone from the cache
         return ScheduledChunk(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:end],
+            token_ids=req.all_token_ids[start + offset : end + offset],
             start_position=start,
             block_table=list(req.block_table),
-            samples=end == req.num_tokens,
+            samples=end == req.num_cache_tokens,
+            position_offset=offset,
         )
+
+    def _num_computable(self, req: Request) -> int:
+        """Positions the request may compute now: up to its last token, or up to the `</think>` of a
+        span still to be dropped (so nothing after it is computed with the span in context)."""
+        end = req.num_cache_tokens
+        if req.num_spans_discarded < len(req.discard_spans):
+            end = min(end, req.discard_spans[req.num_spans_discarded][1] - req.num_discarded + 1)
+        return end - req.num_computed_tokens
+
+    def _discard_ready_spans(self, req: Request) -> list[tuple[int, int]]:
+        """Drop every span whose `</think>` is computed and whose next token is known; returns KV moves."""
+        bs, moves = self.config.block_size, []
+        flat = lambda c: req.block_table[c // bs] * bs + c % bs  # noqa: E731
+        while req.num_spans_discarded < len(req.discard_spans):
+            start, end = req.discard_spans[req.num_spans_discarded]
+            c_start, c_end = start - req.num_discarded, end - req.num_discarded
+            if req.num_computed_tokens <= c_end or req.num_tokens <= end + 1:
+                break
+            tail = req.num_computed_tokens - c_end  # computed positions from </think> on (1 unless replaying)
+            moves += [(flat(c_end + i), flat(c_start + i)) for i in range(tail)]
+            keep = self.allocator.num_blocks_for(c_start + tail)
+            self.allocator.free(req.block_table[keep:])
+            del req.block_table[keep:]
+            req.num_computed_tokens = c_start + tail
+            req.num_discarded += end - start
+            req.num_spans_discarded += 1
+        return moves
 
     def _preempt(self, req: Request) -> None:
         """Evict by recompute: free the blocks and requeue at the front; outputs are kept."""
@@ -321,6 +372,7 @@ class Scheduler:
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+        req.num_discarded = req.num_spans_discarded = 0  # replayed: each span is dropped again
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.waiting.appendleft(req)
