@@ -62,7 +62,7 @@ class _Seq:
     """One generated sequence (a choice) of a request."""
 
     index: int
-    prompt_len: int
+    prompt_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
@@ -71,6 +71,8 @@ class _Seq:
     reasoning: str = ""
     thought_tokens: int = 0
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # with echo and logprobs
+    prompt_depths: list[int] | None = None
 
 
 def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
@@ -109,7 +111,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         if body.model_extra:
             log.warning("ignoring unknown request fields: %s", sorted(body.model_extra))
 
-    def params(body, max_tokens: int, logprobs: int | None) -> tuple[SamplingParams, ComputeParams]:
+    def params(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> tuple[SamplingParams, ComputeParams]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             sampling = SamplingParams(
@@ -117,7 +119,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
                 min_p=body.min_p, seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
                 ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens),
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, logprobs=logprobs,
+                frequency_penalty=body.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             )
             compute = ComputeParams(compute_budget=body.compute_budget, min_depth=body.min_depth,
                                     max_depth=body.max_depth, exit_price=body.exit_price,
@@ -146,7 +148,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         try:
             for i, ids in enumerate(prompts):
                 for j in range(n):
-                    seq = _Seq(index=i * n + j, prompt_len=len(ids))
+                    seq = _Seq(index=i * n + j, prompt_ids=ids)
                     seed = None if sampling.seed is None else sampling.seed + j
                     # Raises validation and overload errors at once, before anything is sent.
                     stream = engine.generate(f"{base}-{seq.index}", ids, replace(sampling, seed=seed), compute)
@@ -182,6 +184,8 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
             else:
                 metrics.itl.labels(config.model_name).observe(now - last[seq.index])
             last[seq.index] = now
+        if out.prompt_logprobs is not None:
+            seq.prompt_logprobs, seq.prompt_depths = out.prompt_logprobs, out.prompt_depths
         seq.text += out.new_text
         seq.token_ids += out.new_token_ids
         seq.depths += out.exit_depths
@@ -254,6 +258,10 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
                 seqs[seq.index] = seq
                 record(seq, out, started, last)
             ordered = [seqs[i] for i in sorted(seqs)]
+            if getattr(shape, "echo_only", False):
+                for seq in ordered:  # the one token run to get there is not part of the answer
+                    seq.text, seq.token_ids, seq.depths, seq.logprobs, seq.hidden = "", [], [], [], []
+                    seq.finish_reason = "length"
             finish_request(body, started, prompt_tokens)
             return JSONResponse(shape.full(ordered, usage(ordered, prompt_tokens)))
 
@@ -291,15 +299,23 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         started = time.monotonic()
         check_model(body.model)
         log_unknown(body)
-        if body.echo:
-            raise APIError(400, "echo is not supported yet", param="echo")
         prompts = encode_prompts(body.prompt)
-        if body.max_tokens == 0:
-            raise APIError(400, "max_tokens=0 needs echo with prompt logprobs, which is not supported yet",
-                           param="max_tokens")
-        sampling, compute = params(body, max_new(prompts, body.max_tokens), body.logprobs)
-        return await respond(body, prompts, sampling, compute, started,
-                             _CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts))
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens=0 generates nothing; it is only meaningful with echo=true", param="max_tokens")
+        if body.echo and body.stream:
+            raise APIError(400, "echo is supported without stream only", param="echo")
+        # echo with max_tokens=0 (how evaluation harnesses score a text): run one step, return only the prompt.
+        echo_only = body.echo and body.max_tokens == 0
+        max_tokens = 1 if echo_only else max_new(prompts, body.max_tokens)
+        sampling, compute = params(body, max_tokens, body.logprobs, body.logprobs if body.echo else None)
+        texts = [body.prompt] if isinstance(body.prompt, str) else [p if isinstance(p, str) else None for p in body.prompt]
+        if len(texts) != len(prompts):  # one prompt given as token ids
+            texts = [None]
+        echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+        shape = _CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts,
+                                 echoed=[e for e in echoed for _ in range(body.n)] if body.echo else None,
+                                 echo_only=echo_only)
+        return await respond(body, prompts, sampling, compute, started, shape)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Response:
@@ -376,12 +392,23 @@ def _logprobs_block(seq_logprobs, token_ids: list[int], depths: list[int], token
     }
 
 
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    """Character offset of each token in the choice text (OpenAI's logprobs.text_offset)."""
+    out, at = [], start
+    for t in tokens:
+        out.append(at)
+        at += len(t)
+    return out
+
+
 @dataclass
 class _CompletionShape:
     model: str
     tokenizer: Tokenizer
     logprobs: bool  # the request asked for logprobs (each token's exit depth comes with them)
     include_thoughts: bool = False  # reasoning_content, and logprobs of thought tokens
+    echoed: list[str] | None = None  # with echo: the prompt text of each choice, prepended to it
+    echo_only: bool = False  # echo with max_tokens=0
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -392,13 +419,24 @@ class _CompletionShape:
         if self.logprobs:
             token_ids, depths, logprobs = _shown(self.include_thoughts, hidden, token_ids, depths, logprobs)
             choice["logprobs"] = _logprobs_block(logprobs, token_ids, depths, self.tokenizer)
+        if self.echoed is not None:
+            choice["text"] = self.echoed[seq.index] + text
+            if self.logprobs:
+                prompt = _logprobs_block(seq.prompt_logprobs or [], seq.prompt_ids[1:], seq.prompt_depths or [], self.tokenizer)
+                first = self.tokenizer.decode(seq.prompt_ids[:1])
+                choice["logprobs"] = {key: ([first] if key == "tokens" else [None]) + prompt[key] + choice["logprobs"][key]
+                                      for key in prompt}
         return choice
 
     def full(self, seqs: list[_Seq], usage: dict) -> dict:
+        choices = [self._choice(s, s.text, s.reasoning, s.token_ids, s.depths, s.logprobs, s.hidden, s.finish_reason)
+                   for s in seqs]
+        for seq, choice in zip(seqs, choices):
+            if choice["logprobs"]:  # offsets count from the start of the prompt, as OpenAI's do
+                start = 0 if self.echoed is not None else len(self.tokenizer.decode(seq.prompt_ids))
+                choice["logprobs"]["text_offset"] = _offsets(choice["logprobs"]["tokens"], start)
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [self._choice(s, s.text, s.reasoning, s.token_ids, s.depths, s.logprobs, s.hidden,
-                                         s.finish_reason) for s in seqs],
-                "usage": usage}
+                "choices": choices, "usage": usage}
 
     def chunk(self, seq: _Seq, out) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,

@@ -61,6 +61,10 @@ class RequestOutput:
     new_reasoning_text: str = ""  # new thought text, only with include_thoughts
     num_new_thought_tokens: int = 0
     num_thought_tokens: int = 0  # so far in this request
+    # With SamplingParams.prompt_logprobs, on the output that ends the prefill: one entry per prompt
+    # token after the first (its logprob given the ones before it) and the exit depth that scored it.
+    prompt_logprobs: list[Sampled] | None = None
+    prompt_depths: list[int] | None = None
 
 
 @dataclass
@@ -79,6 +83,9 @@ class _Live:
     visible_ids: list[int] = field(default_factory=list)
     thought_ids: list[int] = field(default_factory=list)
     emitted_reasoning_chars: int = 0
+    prompt_logprobs: list[Sampled] = field(default_factory=list)
+    prompt_depths: list[int] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -94,7 +101,7 @@ class LLMEngine:
         param = next(self.model.parameters())
         fits = int(self.config.kv_cache_gib * 2**30) // PagedKVCache.bytes_per_block(cfg, block, param.dtype)
         num_blocks = self.config.num_kv_blocks or min(self.config.max_num_seqs * -(-max_len // block), fits)
-        if num_blocks * block < max_len:
+        if self.config.num_kv_blocks is None and num_blocks * block < max_len:
             raise ValueError(f"a KV cache of {num_blocks} blocks of {block} cannot hold one {max_len}-token sequence; "
                              f"raise kv_cache_gib or num_kv_blocks, or lower max_model_len")
         self.scheduler = Scheduler(SchedulerConfig(
@@ -162,12 +169,14 @@ class LLMEngine:
             outs = self.executor.run(seqs)
             rows = [i for i, c in enumerate(chunks) if c.samples]
             if rows:
-                logits = torch.cat([outs[i].logits for i in rows])
+                logits = torch.cat([outs[i].logits[-1:] for i in rows])
                 for i, s in zip(rows, sample(logits, [self._sample_row(chunks[i].request_id) for i in rows])):
                     sampled[chunks[i].request_id] = s
                     new_depth[chunks[i].request_id] = outs[i].depths[-1]
-            for c, out in zip(chunks, outs):
+            for c, seq, out in zip(chunks, seqs, outs):
                 self._account(c.request_id, out.depths, out.paths)
+                if seq.all_logits:
+                    self._score_prompt(c, out)
             runner_out = ModelRunnerOutput(sampled={rid: s.token_id for rid, s in sampled.items()})
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
@@ -177,9 +186,26 @@ class LLMEngine:
 
     def _seq_input(self, chunk) -> SeqInput:
         live = self.live[chunk.request_id]
+        scores_prompt = (live.sampling.prompt_logprobs is not None and not live.prompt_logprobs_sent
+                         and chunk.start_position < len(live.request.prompt_token_ids) - 1)
         return SeqInput(chunk.token_ids, chunk.start_position, chunk.block_table, price=live.budget.price,
                         min_depth=live.compute.min_depth, max_depth=live.compute.max_depth,
-                        position_offset=chunk.position_offset)
+                        position_offset=chunk.position_offset, all_logits=scores_prompt)
+
+    def _score_prompt(self, chunk, out) -> None:
+        """Logprobs of the prompt tokens this chunk predicts: position p's logits score token p + 1.
+        A chunk replayed after preemption scores positions already scored; those are skipped."""
+        live = self.live[chunk.request_id]
+        prompt, n = live.request.prompt_token_ids, live.sampling.prompt_logprobs
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+        for row, p in enumerate(range(chunk.start_position, chunk.start_position + len(chunk.token_ids))):
+            if p + 1 >= len(prompt) or p < len(live.prompt_logprobs):
+                continue
+            token = prompt[p + 1]
+            top = torch.topk(logprobs[row], n) if n else None
+            live.prompt_logprobs.append(Sampled(token, float(logprobs[row, token]),
+                                                list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
+            live.prompt_depths.append(out.depths[row])
 
     def _sample_row(self, request_id: str) -> SampleRow:
         live = self.live[request_id]
@@ -204,6 +230,9 @@ class LLMEngine:
         req = live.request
         out = RequestOutput(rid, list(update.new_token_ids), "", [], [], num_prompt_tokens=len(req.prompt_token_ids),
                             num_output_tokens=len(req.output_token_ids))
+        if live.sampling.prompt_logprobs is not None and not live.prompt_logprobs_sent and (update.new_token_ids or update.finished):
+            out.prompt_logprobs, out.prompt_depths = live.prompt_logprobs, live.prompt_depths
+            live.prompt_logprobs_sent = True
         if update.new_token_ids:
             out.exit_depths = [new_depth[rid]]
             out.logprobs = [sampled[rid]]

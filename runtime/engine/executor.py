@@ -33,6 +33,7 @@ class SeqInput:
     min_depth: int | None = None
     max_depth: int | None = None
     depths: list[int] | None = None  # forced per-token depths (an explicit exit specification)
+    all_logits: bool = False  # logits for every token of the chunk (prompt logprobs), not only the last
     position_offset: int = 0  # RoPE position = cache position + this (tokens of discarded thoughts)
 
 
@@ -215,15 +216,13 @@ class Executor:
     def _outputs(self, seqs: list[SeqInput], h: Tensor, depth: Tensor, path: Tensor, all_logits: bool) -> list[SeqOutput]:
         lengths = [len(s.token_ids) for s in seqs]
         ends = torch.cumsum(torch.tensor(lengths), 0).tolist()
-        rows = torch.arange(len(h), device=self.device) if all_logits else torch.tensor([e - 1 for e in ends], device=self.device)
+        every = [all_logits or s.all_logits for s in seqs]
+        spans = [(end - n, end) if e else (end - 1, end) for n, end, e in zip(lengths, ends, every)]
+        rows = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device)
         logits = self.model.head(self.model.norm(h[rows]))
-        out, start = [], 0
+        out, start, at = [], 0, 0
         depths = depth.tolist()
-        for i, (n, end) in enumerate(zip(lengths, ends)):
-            out.append(SeqOutput(
-                logits=logits[start:end] if all_logits else logits[i : i + 1],
-                depths=depths[start:end],
-                paths=path[start:end],
-            ))
-            start = end
+        for (a, b), end in zip(spans, ends):
+            out.append(SeqOutput(logits=logits[at : at + b - a], depths=depths[start:end], paths=path[start:end]))
+            start, at = end, at + b - a
         return out

@@ -29,6 +29,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # top-N logprobs per generated token (0: only the chosen token's)
+    prompt_logprobs: int | None = None  # top-N logprobs of each prompt token given the ones before it
     n: int = 1
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("n", isinstance(self.n, int) and 1 <= self.n <= 16, "must be an integer in [1, 16]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "must be up to 16 non-empty strings"),

@@ -115,3 +115,33 @@ def test_api_key_is_enforced():
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
         assert c.get("/health").status_code == 200
+
+
+def test_echo_scores_the_prompt_like_vllm(client):
+    """echo=true, logprobs=N, max_tokens=0: the prompt back with its token logprobs (lm-eval's scoring call)."""
+    r = client.post("/v1/completions", json={"prompt": "abcabc", "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice, n = body["choices"][0], len(client.post("/tokenize", json={"prompt": "abcabc"}).json()["tokens"])
+    lp = choice["logprobs"]
+    assert choice["text"] == "abcabc" and body["usage"]["completion_tokens"] == 0
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["exit_depths"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:]) and all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    # Scoring at a lower budget: the same prompt, a shallower mean depth.
+    low = client.post("/v1/completions", json={"prompt": "abcabc", "echo": True, "logprobs": 0, "max_tokens": 0,
+                                               "exit_price": 1e3}).json()["choices"][0]["logprobs"]
+    assert max(low["exit_depths"][1:]) <= min(lp["exit_depths"][1:])
+    # echo with generation: the prompt, then the completion, logprobs for both.
+    both = client.post("/v1/completions", json={"prompt": "ab", "echo": True, "logprobs": 0, "max_tokens": 3,
+                                                "ignore_eos": True, "temperature": 0}).json()["choices"][0]
+    assert both["text"].startswith("ab") and len(both["logprobs"]["tokens"]) == 2 + 3
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "max_tokens": 0},
+    {"prompt": "x", "echo": True, "stream": True},
+    {"prompt": "x", "echo": True, "logprobs": 21, "max_tokens": 0},
+])
+def test_bad_echo_requests_are_400(client, body):
+    assert client.post("/v1/completions", json=body).status_code == 400
