@@ -85,10 +85,10 @@ class Client:
                 if stream:
                     await self._read_stream(r, rec, start)
                 else:
-                    data = await r.json(content_type=None)
-                    rec.ttft = time.perf_counter() - start
-                    self._read_usage(data.get("usage"), rec)
+                    self._read_usage((await r.json(content_type=None)).get("usage"), rec)
                 rec.e2e = time.perf_counter() - start
+                if not stream:  # as vLLM: without streaming the first token arrives with the last
+                    rec.ttft = rec.e2e
                 rec.success = not rec.error
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             rec.error = f"{type(e).__name__}: {e}"[:200]

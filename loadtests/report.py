@@ -26,7 +26,9 @@ def summarize_budgets(points: list[dict], budgets: list[float], itl_slo_ms: floa
     """Per budget: throughput at the p99 ITL SLO, depth, saving, quality; and the SLO used and why."""
     why = "given with --itl-slo-ms"
     if itl_slo_ms is None:
-        base = [p for p in points if p["compute_budget"] == budgets[0] and p["failed"] == 0]
+        why = "none: no point of the first budget measured ITL without failures"
+        base = [p for p in points if p["compute_budget"] == budgets[0] and p["failed"] == 0
+                and not math.isnan(p["p99_itl_ms"])]  # no ITL without streaming
         if base:
             best = max(base, key=lambda p: p["output_throughput"])
             itl_slo_ms = best["p99_itl_ms"]
@@ -54,6 +56,20 @@ def summarize_budgets(points: list[dict], budgets: list[float], itl_slo_ms: floa
         t = out[b]["throughput_at_itl_slo"]
         out[b]["ratio_vs_first_budget"] = t / ref if t is not None and ref else None
     return out, itl_slo_ms, why
+
+
+def slo_table(points: list[dict], budgets: list[float]) -> list[dict]:
+    """Throughput at each p99 ITL the first budget measured, taken as an SLO: the whole curve, not one cut."""
+    slos = sorted({p["p99_itl_ms"] for p in points if p["compute_budget"] == budgets[0] and p["failed"] == 0
+                   and not math.isnan(p["p99_itl_ms"])})
+    rows = []
+    for slo in slos:
+        row = {"itl_slo_ms": slo}
+        for b in budgets:
+            best = max_throughput_under_itl_slo([p for p in points if p["compute_budget"] == b], slo)
+            row[str(b)] = best["output_throughput"] if best else None
+        rows.append(row)
+    return rows
 
 
 def plot_latency_throughput(points: list[dict], budgets: list[float], itl_slo_ms: float | None, path: Path) -> None:
@@ -105,8 +121,9 @@ def write_report(out_dir: Path, config: dict, points: list[dict], budgets: list[
     summary, slo, why = summarize_budgets(points, budgets, itl_slo_ms, quality)
     plot_latency_throughput(points, budgets, slo, out_dir / "latency_vs_throughput.png")
     has_hist = plot_depth_histogram(summary, out_dir / "depth_histogram.png")
+    table = slo_table(points, budgets)
     result = {"config": config, "itl_slo_ms": slo, "itl_slo_source": why,
-              "summary": {str(b): s for b, s in summary.items()}, "points": points}
+              "summary": {str(b): s for b, s in summary.items()}, "throughput_at_itl_slos": table, "points": points}
     (out_dir / "loadtest.json").write_text(json.dumps(result, indent=1, default=str))
 
     lines = [f"# Load test: {config['model']} at {config['base_url']}", "",
@@ -131,6 +148,17 @@ def write_report(out_dir: Path, config: dict, points: list[dict], budgets: list[
     lines += ["", "Mean depth: server-side mean exit depth of generated tokens (`ponder:token_exit_depth`); saved "
               "steps: 1 - core steps run / core steps at full depth, prompt tokens included "
               "(`ponder:core_steps_*_total`), both from /metrics scraped before and after each point.", ""]
+    if len(table) > 1 and len(budgets) > 1:
+        ref = str(budgets[0])
+        lines += [f"Output tokens/s at each p99 ITL SLO that budget {budgets[0]:g} reached at some load "
+                  "(ratio to it in brackets):", "",
+                  "| p99 ITL SLO (ms) | " + " | ".join(f"budget {b:g}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for row in table:
+            cells = [f"{_f(row[str(b)])} (x{_f(row[str(b)] / row[ref] if row[str(b)] and row[ref] else None, 2)})"
+                     for b in budgets]
+            lines.append(f"| {_f(row['itl_slo_ms'])} | " + " | ".join(cells) + " |")
+        lines.append("")
     if quality:
         q0 = next(iter(quality.values()))
         lines += [f"Quality: teacher-forced next-token accuracy on {q0['num_samples']} windows of "

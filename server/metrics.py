@@ -59,6 +59,9 @@ class ServerMetrics:
                                     lbl, buckets=tuple(float(d) for d in range(max_depth + 1)), registry=r)
         self.budget = Histogram("ponder:request_compute_budget", "compute_budget of finished requests.", lbl,
                                 buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.thought_tokens, self.ttft, self.itl, self.e2e,
+                       self.exit_depth, self.budget):
+            metric.labels(model_name)  # exported (at 0) from the start, so dashboards and rate() see every series
         r.register(EngineCollector(stats, model_name))
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: the soak test and dashboard watch memory
 
