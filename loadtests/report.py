@@ -72,17 +72,27 @@ def slo_table(points: list[dict], budgets: list[float]) -> list[dict]:
     return rows
 
 
+def _short(p: dict) -> str:
+    """A point's load in a few characters: c8 (concurrency 8) or 2r (2 req/s)."""
+    if math.isinf(p["request_rate"]):
+        return f"c{p['max_concurrency']}" if p["max_concurrency"] else "all"
+    return f"{p['request_rate']:g}r"
+
+
 def plot_latency_throughput(points: list[dict], budgets: list[float], itl_slo_ms: float | None, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for b in budgets:
-        mine = sorted((p for p in points if p["compute_budget"] == b), key=lambda p: p["output_throughput"])
+        mine = [p for p in points if p["compute_budget"] == b]  # in sweep order: the line follows rising load
         x = [p["output_throughput"] for p in mine]
         for ax, key in zip(axes, ("p99_itl_ms", "p50_ttft_ms", "p99_ttft_ms")):
-            ax.plot(x, [p[key] for p in mine], "o-", label=f"budget {b:g}")
+            line, = ax.plot(x, [p[key] for p in mine], "o-", label=f"budget {b:g}")
+            for p in mine:
+                ax.annotate(_short(p), (p["output_throughput"], p[key]), fontsize=7, color=line.get_color(),
+                            xytext=(3, 3), textcoords="offset points")
     for ax, title in zip(axes, ("p99 ITL", "p50 TTFT", "p99 TTFT")):
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel(f"{title} (ms)")
-        ax.set_title(f"{title} against throughput")
+        ax.set_title(f"{title} against throughput (labels: load)")
         ax.grid(alpha=0.3)
     if itl_slo_ms is not None:
         axes[0].axhline(itl_slo_ms, color="grey", ls="--", label=f"SLO {itl_slo_ms:.1f} ms")

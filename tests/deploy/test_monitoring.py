@@ -89,3 +89,19 @@ def test_every_dashboard_metric_is_exported_by_the_server(entrypoint_server):
                 .decode().splitlines() if line and not line.startswith("#")}
     used = {m for e in expressions() for m in METRIC.findall(e)}
     assert used and used <= exported, sorted(used - exported)
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="no docker compose client (apt-get install docker-compose)")
+def test_compose_file_passes_docker_compose_config():
+    result = subprocess.run([*compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {"ponder", "prometheus", "grafana"} <= set(yaml.safe_load(result.stdout)["services"])
