@@ -128,9 +128,9 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> None:
-    from loadtests.client import check_target
-
     import aiohttp
+
+    from loadtests.client import check_target
 
     validate(args)
     args.base_url = check_target(args.base_url, args.allow_remote)

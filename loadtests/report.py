@@ -9,16 +9,23 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from loadtests.metrics import max_throughput_under_itl_slo  # noqa: E402
-from loadtests.runner import merge_histograms  # noqa: E402
+from loadtests.metrics import max_throughput_under_itl_slo
+from loadtests.runner import merge_histograms
 
 
 def _f(x, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{x:.{digits}f}"
+
+
+def _accuracy(quality: dict, key: str) -> str:
+    if key not in quality:
+        return "n/a"
+    lo, hi = quality[f"{key}_ci95"]
+    return f"{quality[key]:.3f} ({lo:.3f}-{hi:.3f})"
 
 
 def summarize_budgets(points: list[dict], budgets: list[float], itl_slo_ms: float | None,
@@ -149,12 +156,11 @@ def write_report(out_dir: Path, config: dict, points: list[dict], budgets: list[
              "|---|---|---|---|---|---|---|---|---|---|"]
     for b, s in summary.items():
         q = s["quality"] or {}
-        acc = (lambda k: f"{q[k]:.3f} ({q[k + '_ci95'][0]:.3f}-{q[k + '_ci95'][1]:.3f})" if k in q else "n/a")
         saved = s["server_saved_fraction"]
         lines.append(f"| {b:g} | {_f(s['throughput_at_itl_slo'])} | {_f(s['ratio_vs_first_budget'], 2)} "
                      f"| {s['load_at_itl_slo'] or 'none met it'} | {_f(s['max_output_throughput'])} "
                      f"| {_f(s['server_mean_depth'], 2)} | {_f(saved * 100 if saved is not None else None)}% "
-                     f"| {acc('top1_accuracy')} | {acc('top5_accuracy')} | {s['failed']} |")
+                     f"| {_accuracy(q, 'top1_accuracy')} | {_accuracy(q, 'top5_accuracy')} | {s['failed']} |")
     lines += ["", "Mean depth: server-side mean exit depth of generated tokens (`ponder:token_exit_depth`); saved "
               "steps: 1 - core steps run / core steps at full depth, prompt tokens included "
               "(`ponder:core_steps_*_total`), both from /metrics scraped before and after each point.", ""]
@@ -200,7 +206,7 @@ def plot_soak(result: dict, path: Path) -> None:
     rss = [x["rss_bytes"] / 2**20 if x["rss_bytes"] is not None else float("nan") for x in s]
     axes[0].plot(t, rss)
     axes[0].set_ylabel("server RSS (MiB)")
-    axes[0].set_ylim(0, max((r for r in rss if r == r), default=1) * 1.2)
+    axes[0].set_ylim(0, max((r for r in rss if not math.isnan(r)), default=1) * 1.2)
     axes[1].plot(t, [x["kv_cache_usage"] for x in s], label="KV usage (0-1)")
     axes[1].set_ylim(0, 1)
     axes[1].set_ylabel("KV cache usage")

@@ -52,7 +52,7 @@ def depth_histogram(before: Samples, after: Samples) -> dict[int, int] | None:
     for le in sorted(buckets):  # cumulative (le) counts -> counts per integer depth
         if math.isinf(le):
             continue
-        hist[int(le)] = int(round(buckets[le] - below))
+        hist[int(le)] = round(buckets[le] - below)
         below = buckets[le]
     return hist
 

@@ -1,5 +1,6 @@
 """Arrival processes and prompt sets of the load generator."""
 
+import itertools
 import math
 import statistics
 
@@ -12,7 +13,7 @@ from loadtests.workload import Prompt, arrival_times, chat_prompts, file_prompts
 
 
 def gaps(times):
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def test_poisson_arrivals_have_the_asked_mean_gap_and_unit_coefficient_of_variation():
