@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from runtime.checkpoint import DEFAULT_MODEL
 
@@ -12,7 +13,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     s.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
     s.add_argument("--served-model-name", help="model name clients use (default: the directory name)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default=os.environ.get("PONDER_HOST", "127.0.0.1"),
+                   help="address to bind (default: $PONDER_HOST, else 127.0.0.1; the image sets 0.0.0.0)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
@@ -59,7 +59,11 @@ class ServerMetrics:
                                     lbl, buckets=tuple(float(d) for d in range(max_depth + 1)), registry=r)
         self.budget = Histogram("ponder:request_compute_budget", "compute_budget of finished requests.", lbl,
                                 buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.thought_tokens, self.ttft, self.itl, self.e2e,
+                       self.exit_depth, self.budget):
+            metric.labels(model_name)  # exported (at 0) from the start, so dashboards and rate() see every series
         r.register(EngineCollector(stats, model_name))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: the soak test and dashboard watch memory
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
