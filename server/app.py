@@ -98,6 +98,14 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > config.max_body_bytes:
             return _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))
+        if size is None and request.method == "POST":  # chunked: count while reading
+            chunks, received = [], 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > config.max_body_bytes:
+                    return _error_response(APIError(413, f"request body exceeds {config.max_body_bytes} bytes"))
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # what Request.body() caches; the route reads it from there
         return await call_next(request)
 
     # ----- helpers -----
@@ -164,7 +172,10 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         remaining = len(seqs)
         try:
             while remaining:
-                seq, item = await asyncio.wait_for(queue.get(), timeout=max(0.1, config.request_timeout_s - (time.monotonic() - started)))
+                left = config.request_timeout_s - (time.monotonic() - started)
+                if left <= 0:  # outputs may keep arriving; the deadline holds all the same
+                    raise asyncio.TimeoutError
+                seq, item = await asyncio.wait_for(queue.get(), timeout=left)
                 if item is None:
                     remaining -= 1
                     continue

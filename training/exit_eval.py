@@ -6,6 +6,9 @@ Methods, each at the compute budgets asked for (target fraction of layers run):
                  reaches a threshold, set on the val split to hit the budget
   adapters       every token exits at the same depth, decoded through that depth's adapter
   logit-lens     every token exits at the same depth, decoded by the final norm and head as is
+  exit-head-full-kv  a diagnostic: the exit head's depths, each token decoded from its full-depth
+                 state at that depth, as if exited tokens still wrote every layer's KV (no KV
+                 saving; shows what the kv_fill itself costs)
 For each: perplexity, top-1 agreement with full depth, mean layers run, saved fraction, and the
 compute fraction in FLOPs, which charges each method for its exit tests (CALM decodes the full
 vocabulary at every layer it considers exiting at).
@@ -31,7 +34,7 @@ from runtime.flops import piece_macs, token_macs
 from runtime.model import ExitSpec, PonderModel
 from training.text_windows import windows
 
-METHODS = ("exit-head", "calm", "adapters", "logit-lens")
+METHODS = ("exit-head", "exit-head-full-kv", "calm", "adapters", "logit-lens")
 
 
 def compute_fraction(cfg, depth: Tensor, method: str) -> float:
@@ -42,7 +45,7 @@ def compute_fraction(cfg, depth: Tensor, method: str) -> float:
     tests = (depth - cfg.min_depth + 1).clamp_min(0)  # exit tests made: steps min_depth..depth
     cost = depth * m["layer"] + m["head"]
     fill = (D - depth) * m["kv_proj"]
-    if method == "exit-head":
+    if method in ("exit-head", "exit-head-full-kv"):
         cost = cost + tests * m["exit_head"] + m["adapter"] + fill
     elif method == "calm":
         cost = cost + tests * (m["head"] + m["adapter"]) + fill
@@ -147,6 +150,9 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
         price = cal.price_for_budget(budget)
         logits, depth = forward_logits(model, ids, ExitSpec(price=price), batch)
         add("exit-head", budget, logits, depth, price=price)
+        at_depth = states.gather(0, depth[None, ..., None].expand(1, *depth.shape, states.shape[-1]))[0]
+        with torch.no_grad():
+            add("exit-head-full-kv", budget, model.head(model.norm(model.adapt_exit(at_depth, depth))).float(), depth)
         threshold = calm_threshold(val_conf, budget, cfg.min_depth)
         depth = calm_depths(conf, threshold, cfg.min_depth)
         logits, depth = forward_logits(model, ids, None, batch, depths=depth)
