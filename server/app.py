@@ -197,6 +197,8 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
             last[seq.index] = now
         if out.prompt_logprobs is not None:
             seq.prompt_logprobs, seq.prompt_depths = out.prompt_logprobs, out.prompt_depths
+        if out.queue_time is not None:
+            metrics.queue_time.labels(config.model_name).observe(out.queue_time)
         seq.text += out.new_text
         seq.token_ids += out.new_token_ids
         seq.depths += out.exit_depths

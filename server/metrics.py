@@ -55,12 +55,14 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("ponder:e2e_request_latency_seconds", "Request latency.", lbl,
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("ponder:request_queue_time_seconds", "Time from arrival to first scheduling.", lbl,
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self.exit_depth = Histogram("ponder:token_exit_depth", "Core depth at which each generated token exited.",
                                     lbl, buckets=tuple(float(d) for d in range(max_depth + 1)), registry=r)
         self.budget = Histogram("ponder:request_compute_budget", "compute_budget of finished requests.", lbl,
                                 buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         for metric in (self.prompt_tokens, self.generation_tokens, self.thought_tokens, self.ttft, self.itl, self.e2e,
-                       self.exit_depth, self.budget):
+                       self.queue_time, self.exit_depth, self.budget):
             metric.labels(model_name)  # exported (at 0) from the start, so dashboards and rate() see every series
         r.register(EngineCollector(stats, model_name))
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: the soak test and dashboard watch memory

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class RequestOutput:
     # token after the first (its logprob given the ones before it) and the exit depth that scored it.
     prompt_logprobs: list[Sampled] | None = None
     prompt_depths: list[int] | None = None
+    queue_time: float | None = None  # seconds from add_request to first scheduling, on the first output
 
 
 @dataclass
@@ -86,6 +88,9 @@ class _Live:
     prompt_logprobs: list[Sampled] = field(default_factory=list)
     prompt_depths: list[int] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # set when first scheduled
+    queue_time_sent: bool = False
 
 
 class LLMEngine:
@@ -162,6 +167,11 @@ class LLMEngine:
         if not sched_out.scheduled:
             return []
         chunks = sched_out.scheduled
+        now = time.monotonic()
+        for c in chunks:
+            live = self.live.get(c.request_id)
+            if live is not None and live.queue_time is None:
+                live.queue_time = now - live.arrival
         sampled: dict[str, Sampled] = {}
         new_depth: dict[str, int] = {}
         try:
@@ -230,6 +240,8 @@ class LLMEngine:
         req = live.request
         out = RequestOutput(rid, list(update.new_token_ids), "", [], [], num_prompt_tokens=len(req.prompt_token_ids),
                             num_output_tokens=len(req.output_token_ids))
+        if live.queue_time is not None and not live.queue_time_sent:
+            out.queue_time, live.queue_time_sent = live.queue_time, True
         if live.sampling.prompt_logprobs is not None and not live.prompt_logprobs_sent and (update.new_token_ids or update.finished):
             out.prompt_logprobs, out.prompt_depths = live.prompt_logprobs, live.prompt_depths
             live.prompt_logprobs_sent = True

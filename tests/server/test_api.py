@@ -105,6 +105,8 @@ def test_models_health_version_tokenize_metrics(client):
                  "ponder:request_compute_budget_bucket", "ponder:inter_token_latency_seconds_bucket"):
         assert name in text, name
     assert 'model_name="tiny"' in text
+    queued = [line for line in text.splitlines() if line.startswith("ponder:request_queue_time_seconds_count")]
+    assert queued and float(queued[0].split()[-1]) >= 1  # every request that ran was queued once
 
 
 def test_api_key_is_enforced():
