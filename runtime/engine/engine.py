@@ -32,10 +32,16 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # default: enough for max_num_seqs full-length sequences
     max_waiting: int = 256
     default_compute_budget: float = 1.0
+    backend: str = "torch"  # torch | onnx (onnxruntime sessions over the graphs in onnx_dir)
+    onnx_dir: str | None = None  # written by `ponder export --format onnx` from the same checkpoint
 
     def __post_init__(self) -> None:
         if not 0.0 < self.default_compute_budget <= 1.0:
             raise ValueError(f"default_compute_budget={self.default_compute_budget} must be in (0, 1]")
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"backend={self.backend!r} must be 'torch' or 'onnx'")
+        if self.backend == "onnx" and not self.onnx_dir:
+            raise ValueError("backend='onnx' needs onnx_dir, the output of `ponder export --format onnx`")
 
 
 @dataclass
@@ -86,7 +92,12 @@ class LLMEngine:
         ))
         param = next(self.model.parameters())
         self.cache = PagedKVCache(cfg, num_blocks, block, param.device, param.dtype)
-        self.executor = Executor(self.model, self.cache)
+        if self.config.backend == "onnx":
+            from runtime.engine.ort_executor import OrtExecutor
+
+            self.executor = OrtExecutor(cfg, self.config.onnx_dir, self.cache)
+        else:
+            self.executor = Executor(self.model, self.cache)
         self.live: dict[str, _Live] = {}
         self.num_core_steps = 0  # block applications that ran
         self.num_core_steps_full = 0  # what full depth would have run for the same positions

@@ -65,3 +65,17 @@ def test_unsupported_config_fields_are_refused(tmp_path):
     ckpt, _ = tiny_checkpoint("fixed", "propagate")
     with pytest.raises(ValueError, match="compute_budget"):
         export_hf(ckpt, tmp_path / "hf", compute_budget=0.0)
+
+
+def test_export_command_writes_a_loadable_directory(tmp_path):
+    from ponder.cli import main
+    from runtime.checkpoint import save_checkpoint
+
+    ckpt, _ = tiny_checkpoint("recurrent", "latest")
+    save_checkpoint(tmp_path / "ckpt", ckpt.model, ckpt.tokenizer, ckpt.calibration)
+    assert main(["export", "--format", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "hf")(ids).logits, ckpt.model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert main(["export", "--format", "hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert main(["export", "--format", "onnx", "--exit-price", "1", str(tmp_path / "ckpt"), str(tmp_path / "x")]) == 2
