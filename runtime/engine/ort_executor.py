@@ -48,6 +48,8 @@ class OrtExecutor(Executor):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Python runs between graph calls; spinning ORT threads would take the core it needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {name: ort.InferenceSession(str(graph_dir / f"{name}.onnx"), options,
                                                     providers=["CPUExecutionProvider"])
                          for name in manifest["graphs"]}
