@@ -8,9 +8,9 @@ Hugging Face export is served by vLLM at the calibrated exit price of that budge
 at 1.0), and Ponder's engine runs the same prompts at the same fixed price. Figures: generated
 tokens per second over the whole batch (prefill included), the median of --repeats runs, and
 whether both produced the same tokens. Ponder's engine runs in this process with torch's
-threads; vLLM's worker runs in its own process, bound by VLLM_CPU_OMP_THREADS_BIND. Each run
-waits --settle seconds first, so one engine's spinning threads do not slow the other. JSON goes
-to results/vllm-bench.json.
+threads, before vLLM starts and again after it has shut down (vLLM's idle worker polls its
+queue and takes a core, so the two cannot share the time); vLLM's worker runs in its own
+process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes to results/vllm-bench.json.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import exporters.vllm_plugin.launch  # noqa: F401  (vllm-cpu version patch, befo
 import argparse
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -67,11 +68,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--settle", type=float, default=1.0,
-                    help="seconds of quiet before each run: vLLM's OpenMP threads spin a while after their work")
     ap.add_argument("--prompt-file", default="training/data/austen/persuasion.txt")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for Ponder's engine (on a busy 2-core machine 2 threads run ~50x slower)")
     ap.add_argument("--out", default="results/vllm-bench.json")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     from vllm import LLM
 
     ckpt = load_checkpoint(args.model)
@@ -83,30 +85,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for budget in [float(b) for b in args.budgets.split(",")]:
         price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
         hf_dir = export_hf(ckpt, tempfile.mkdtemp(prefix="ponder-hf-"), exit_price=price)
-        llm = LLM(model=str(hf_dir), trust_remote_code=True, dtype="float32", enforce_eager=True,
-                  max_model_len=ckpt.config.max_seq_len, max_num_seqs=args.batch, gpu_memory_utilization=0.1)
-        ponder_run(engine, prompts[:1], price, 4), vllm_run(llm, prompts[:1], 4)  # warm-up
+        ponder_run(engine, prompts[:1], price, 4)  # warm-up
         p_times, v_times = [], []
-        for _ in range(args.repeats):  # alternate, so drift on a noisy machine hits both
-            time.sleep(args.settle)
+        for _ in range(args.repeats):
             t, p_tokens, depth = ponder_run(engine, prompts, price, args.max_tokens)
             p_times.append(t)
-            time.sleep(args.settle)
+        llm = LLM(model=str(hf_dir), trust_remote_code=True, dtype="float32", enforce_eager=True,
+                  max_model_len=ckpt.config.max_seq_len, max_num_seqs=args.batch, gpu_memory_utilization=0.1)
+        vllm_run(llm, prompts[:1], 4)  # warm-up
+        for _ in range(args.repeats):
             t, v_tokens = vllm_run(llm, prompts, args.max_tokens)
             v_times.append(t)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        time.sleep(2)
+        for _ in range(args.repeats):  # Ponder again after vLLM, so drift over the run shows in both halves
+            t, p_tokens_after, _ = ponder_run(engine, prompts, price, args.max_tokens)
+            p_times.append(t)
+        assert p_tokens_after == p_tokens
         total = len(prompts) * args.max_tokens
         row = {"budget": budget, "exit_price": price, "batch": len(prompts), "ponder_tok_s": total / statistics.median(p_times),
+               "ponder_tok_s_before_after": [total / statistics.median(p_times[:args.repeats]),
+                                             total / statistics.median(p_times[args.repeats:])],
                "vllm_tok_s": total / statistics.median(v_times), "ponder_mean_depth": depth,
                "same_tokens": p_tokens == v_tokens}
         row["vllm_over_ponder"] = row["vllm_tok_s"] / row["ponder_tok_s"]
         rows.append(row)
         print(f"{budget:>6.2f} {price or 0.0:>7.3f} {row['ponder_tok_s']:>13.1f} {row['vllm_tok_s']:>11.1f} "
               f"{row['vllm_over_ponder']:>11.2f}x {depth:>6.2f} {str(row['same_tokens']):>12}", flush=True)
-        del llm
-        gc.collect()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "prompts": args.prompt_file, "max_tokens": args.max_tokens,
-                                          "rows": rows}, indent=2))
+                                          "ponder_threads": args.threads, "vllm_cpu_omp_threads_bind":
+                                          os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return rows
 

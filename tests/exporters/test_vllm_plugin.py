@@ -71,3 +71,50 @@ def test_vllm_serve_matches_ponder_greedy(tmp_path, budget):
     assert got == [c.outputs[0].text for c in want]
     if price is not None:  # the exits really happened
         assert min(d for c in want for d in c.outputs[0].exit_depths) < ckpt.config.max_depth
+
+
+VLLM_GREEDY = """
+import exporters.vllm_plugin.launch  # noqa: F401
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    cases = json.loads(open(sys.argv[1]).read())
+    results = {}
+    for name, case in cases.items():
+        llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=64,
+                  max_num_seqs=4, gpu_memory_utilization=0.05)
+        params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)
+        results[name] = [list(o.outputs[0].token_ids) for o in outs]
+        del llm
+    open(sys.argv[2], "w").write(json.dumps(results))
+"""
+
+
+def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
+    """Tiny random models (fixed, recurrent, routed; each kv_fill) with per-token exits, batched in vLLM."""
+    import torch
+
+    from runtime.generate import generate
+    from runtime.model import ExitSpec
+    from tests.exporters.models import KV_FILLS, SCHEDULES, tiny_checkpoint
+
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see DEVELOPERS.md)")
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
+    cases, want = {}, {}
+    for schedule in SCHEDULES:
+        for kv_fill in KV_FILLS:
+            name = f"{schedule}-{kv_fill}"
+            ckpt, price = tiny_checkpoint(schedule, kv_fill)
+            cases[name] = {"dir": str(export_hf(ckpt, tmp_path / name, exit_price=price)), "prompts": prompts,
+                           "max_tokens": 8}
+            want[name] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "greedy.py").write_text(VLLM_GREEDY)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    run = subprocess.run([VLLM_PYTHON, str(tmp_path / "greedy.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+                         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == want
