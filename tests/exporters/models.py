@@ -17,10 +17,10 @@ SCHEDULES = {
 KV_FILLS = ("propagate", "latest", "shared")
 
 
-def tiny_checkpoint(schedule: str, kv_fill: str, seed: int = 0) -> tuple[Checkpoint, float]:
+def tiny_checkpoint(schedule: str, kv_fill: str, seed: int = 0, **overrides) -> tuple[Checkpoint, float]:
     """A random tiny model and a price at which about half its tokens exit early."""
     torch.manual_seed(seed)
-    cfg = ModelConfig.from_name("tiny", kv_fill=kv_fill, eos_id=None, **SCHEDULES[schedule])
+    cfg = ModelConfig.from_name("tiny", kv_fill=kv_fill, eos_id=None, **{**SCHEDULES[schedule], **overrides})
     model = PonderModel(cfg).eval()
     with torch.no_grad():
         scores = model(torch.randint(0, 64, (2, 24))).exit_scores
