@@ -27,7 +27,6 @@ from runtime.config import ModelConfig
 from runtime.layers import Block, apply_rope, rope_tables
 from runtime.model import PonderModel
 
-HF_ONLY = ("exit_price", "compute_budget", "calibration")
 
 
 def ponder_config(hf_config) -> ModelConfig:
