@@ -9,6 +9,7 @@ from ponder import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporters import cli as exporters_cli
     from loadtests import cli as loadtest_cli
     from runtime import cli as runtime_cli
     from server import cli as server_cli
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_cli.add_parsers(sub)
     server_cli.add_parsers(sub)
     training_cli.add_parsers(sub)
+    exporters_cli.add_parsers(sub)
     loadtest_cli.add_parsers(sub)
     return parser
 

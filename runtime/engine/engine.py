@@ -35,12 +35,18 @@ class EngineConfig:
     kv_cache_gib: float = 4.0  # memory cap of the default cache size (like vLLM's VLLM_CPU_KVCACHE_SPACE)
     max_waiting: int = 256
     default_compute_budget: float = 1.0
+    backend: str = "torch"  # torch | onnx (onnxruntime sessions over the graphs in onnx_dir)
+    onnx_dir: str | None = None  # written by `ponder export --format onnx` from the same checkpoint
 
     def __post_init__(self) -> None:
         if not 0.0 < self.default_compute_budget <= 1.0:
             raise ValueError(f"default_compute_budget={self.default_compute_budget} must be in (0, 1]")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib={self.kv_cache_gib} must be > 0")
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"backend={self.backend!r} must be 'torch' or 'onnx'")
+        if self.backend == "onnx" and not self.onnx_dir:
+            raise ValueError("backend='onnx' needs onnx_dir, the output of `ponder export --format onnx`")
 
 
 @dataclass
@@ -115,7 +121,12 @@ class LLMEngine:
             max_waiting=self.config.max_waiting, long_prefill_token_threshold=self.config.max_num_batched_tokens,
         ))
         self.cache = PagedKVCache(cfg, num_blocks, block, param.device, param.dtype)
-        self.executor = Executor(self.model, self.cache)
+        if self.config.backend == "onnx":
+            from runtime.engine.ort_executor import OrtExecutor
+
+            self.executor = OrtExecutor(cfg, self.config.onnx_dir, self.cache)
+        else:
+            self.executor = Executor(self.model, self.cache)
         self.live: dict[str, _Live] = {}
         self.num_core_steps = 0  # block applications that ran
         self.num_core_steps_full = 0  # what full depth would have run for the same positions

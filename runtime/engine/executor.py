@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from runtime.engine.kv_cache import PagedKVCache
-from runtime.layers import Block
+from runtime.layers import Block, rope_tables
 from runtime.model import PonderModel
+
+Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Executor:
 
     @torch.inference_mode()
     def run(self, seqs: list[SeqInput], all_logits: bool = False) -> list[SeqOutput]:
-        model, cfg, D = self.model, self.cfg, self.cfg.max_depth
+        cfg, D = self.cfg, self.cfg.max_depth
         batch = self._batch(seqs)
         N = len(batch.positions)
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
@@ -73,9 +75,9 @@ class Executor:
         priced = [cfg.min_depth if q.min_depth is None else q.min_depth for q in seqs if q.price is not None]
         first_priced_step = min(priced, default=D)
 
-        h = model.embed(ids)
-        for layer, block in enumerate(model.prelude):
-            h = self._layer(block, h, self.cache.prelude_slot(layer), batch)
+        h = self._embed(ids)
+        for layer in range(cfg.n_prelude):
+            h = self._layer(("prelude", layer), h, self.cache.prelude_slot(layer), batch)
 
         depth = torch.zeros(N, dtype=torch.long, device=self.device)
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
@@ -83,10 +85,10 @@ class Executor:
         exited = active[:0]  # rows that left the core; their slot-s entries follow kv_fill
         for s in range(D):
             if len(active):
-                h_step = model.step_input(h[active], s)
+                h_step, score = self._gate(h[active], s, need_score=s >= first_priced_step)
                 stop = (s >= hi[active]) | (s >= forced[active])
-                if s >= first_priced_step:
-                    stop |= (s >= lo[active]) & (model.exit_score(h_step, s) < price[active])
+                if score is not None:
+                    stop |= (s >= lo[active]) & (score < price[active])
                 if stop.any():
                     exited = torch.cat([exited, active[stop]])
                     active, h_step = active[~stop], h_step[~stop]
@@ -95,23 +97,64 @@ class Executor:
             if len(active) == 0:
                 continue  # no block runs, but deeper slots of exited rows still get filled
             choice = self._choose(h_step, s)
-            groups = [(b, choice == b) for b in sorted(set(choice.tolist()))]
-            inputs = [(b, active[sel], model.block_input(h_step[sel], b)) for b, sel in groups]
+            groups = [(("pool", b), active[sel], h_step[sel]) for b, sel in
+                      ((b, choice == b) for b in sorted(set(choice.tolist())))]
             slot = self.cache.core_slot(s)
-            normed = [model.pool[b].attn_norm(x) for b, _, x in inputs]
             if not (cfg.kv_fill == "shared" and s > 0):
-                for (b, rows, _), xn in zip(inputs, normed):  # every row's slot-s entry before anyone attends
-                    self._write_kv(model.pool[b], xn, rows, slot, batch)
-            for (b, rows, x), xn in zip(inputs, normed):
-                h[rows] = self._attend_ff(model.pool[b], x, xn, rows, slot, batch)
-                path[rows, s] = b
+                for layer, rows, x in groups:  # every row's slot-s entry before anyone attends
+                    self._write_kv(layer, x, rows, slot, batch)
+            for layer, rows, x in groups:
+                h[rows] = self._attend_ff(layer, x, rows, slot, batch)
+                path[rows, s] = layer[1]
                 depth[rows] += 1
                 self.num_block_calls += len(rows)
 
-        h = model.adapt_exit(h, depth)
-        for layer, block in enumerate(model.coda):
-            h = self._layer(block, h, self.cache.coda_slot(layer), batch)
+        h = self._adapt(h, depth)
+        for layer in range(cfg.n_coda):
+            h = self._layer(("coda", layer), h, self.cache.coda_slot(layer), batch)
         return self._outputs(seqs, h, depth, path, all_logits)
+
+    # ----- compute: the only methods that touch weights (an ONNX backend overrides them) -----
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.model.embed(ids)
+
+    def _gate(self, h: Tensor, s: int, need_score: bool) -> tuple[Tensor, Tensor | None]:
+        """The step input h + P(s) of rows h (n, d), and their exit scores if needed."""
+        h_step = self.model.step_input(h, s)
+        return h_step, self.model.exit_score(h_step, s) if need_score else None
+
+    def _route_logits(self, h_step: Tensor) -> Tensor:
+        return self.model.route_logits(h_step)
+
+    def _block(self, layer: Layer, x: Tensor) -> tuple[Block, Tensor]:
+        """The block of a layer and its input: a pool block adds its block embedding to h_step."""
+        kind, i = layer
+        if kind == "pool":
+            return self.model.pool[i], self.model.block_input(x, i)
+        return getattr(self.model, kind)[i], x
+
+    def _kv(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The slot entries k, v (n, Hkv, D) that rows with input x (n, d) write."""
+        block, x = self._block(layer, x)
+        k, v = block.kv(x[None], cos, sin)  # (1, Hkv, n, D)
+        return k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+    def _block_padded(self, layer: Layer, x: Tensor, x_pad: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                      mask: Tensor, unpad: tuple[Tensor, Tensor]) -> Tensor:
+        """The layer on rows x (n, d), also given padded per sequence as x_pad (R, M, d), attending to
+        k, v (R, Hkv, L, D) under mask (R, M, L); x_pad[unpad] == x. Returns (n, d)."""
+        block, x = self._block(layer, x)
+        _, x_pad = self._block(layer, x_pad)
+        out = block.attn(block.attn_norm(x_pad), k, v, cos[:, None], sin[:, None], mask[:, None])
+        return block.feedforward(x + out[unpad])  # the MLP on real rows only
+
+    def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
+        """Exit adapters on rows h (n, d) by their core depth (identity for models without them)."""
+        return self.model.adapt_exit(h, depth)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.model.head(self.model.norm(h))
 
     # ----- batch layout -----
 
@@ -128,7 +171,7 @@ class Executor:
         seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
         pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
         offsets = torch.tensor([s.position_offset for s in seqs], device=dev)
-        cos, sin = self.model.rope(pos + offsets[seq_ids])  # cache order is causal order; RoPE keeps token positions
+        cos, sin = rope_tables(pos + offsets[seq_ids], self.cfg.head_dim, self.cfg.rope_theta)  # cache order is causal order; RoPE keeps token positions
         return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin,
                       one_row_per_seq=all(len(s.token_ids) == 1 for s in seqs))
 
@@ -147,39 +190,38 @@ class Executor:
     # ----- blocks over rows -----
 
     def _choose(self, h_step: Tensor, s: int) -> Tensor:
-        if self.model.router is None:
-            return torch.full((len(h_step),), self.model.scheduled_block(s), dtype=torch.long, device=self.device)
-        return self.model.route_logits(h_step).argmax(-1)
+        if self.cfg.schedule != "routed":
+            block = s if self.cfg.schedule == "fixed" else 0
+            return torch.full((len(h_step),), block, dtype=torch.long, device=self.device)
+        return self._route_logits(h_step).argmax(-1)
 
-    def _write_kv(self, block: Block, xn: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
-        """Write the slot entries of rows from their normed block inputs xn (n, d)."""
-        k, v = block.attn.project_kv(xn[None], batch.cos[rows], batch.sin[rows])  # (1, Hkv, n, D)
-        self.cache.write(slot, batch.index[rows], k[0].transpose(0, 1), v[0].transpose(0, 1))
+    def _write_kv(self, layer: Layer, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
+        """Write the slot entries of rows from their layer inputs x (n, d)."""
+        k, v = self._kv(layer, x, batch.cos[rows], batch.sin[rows])
+        self.cache.write(slot, batch.index[rows], k, v)
 
-    def _layer(self, block: Block, h: Tensor, slot: int, batch: _Batch) -> Tensor:
+    def _layer(self, layer: Layer, h: Tensor, slot: int, batch: _Batch) -> Tensor:
         """A prelude or coda layer: every row writes its entry, then every row attends."""
         rows = torch.arange(len(h), device=self.device)
-        hn = block.attn_norm(h)
-        self._write_kv(block, hn, rows, slot, batch)
-        return self._attend_ff(block, h, hn, rows, slot, batch)
+        self._write_kv(layer, h, rows, slot, batch)
+        return self._attend_ff(layer, h, rows, slot, batch)
 
-    def _attend_ff(self, block: Block, x: Tensor, xn: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
-        """Attention of rows (inputs x, normed xn: (n, d)) over their sequences' cached slot, with
-        the residual, then the MLP. Rows are padded per sequence into (R, M, d), so one attention
-        call serves all of them."""
+    def _attend_ff(self, layer: Layer, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """The layer on rows (inputs x: (n, d)) over their sequences' cached slot. Rows are padded per
+        sequence into (R, M, d), so one attention call serves all of them."""
         seq = batch.seq[rows]
         if batch.one_row_per_seq:  # decode: every row is its own sequence, nothing to pad
             present, inverse = seq, torch.arange(len(rows), device=self.device)
             rank = torch.zeros_like(inverse)
-            x_pad, pos_pad = xn[:, None], batch.positions[rows][:, None]
+            x_pad, pos_pad = x[:, None], batch.positions[rows][:, None]
             cos, sin = batch.cos[rows][:, None], batch.sin[rows][:, None]
         else:
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
             R, M = len(present), int(counts.max())
-            x_pad = xn.new_zeros(R, M, xn.shape[-1])
-            x_pad[inverse, rank] = xn
+            x_pad = x.new_zeros(R, M, x.shape[-1])
+            x_pad[inverse, rank] = x
             pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
             pos_pad[inverse, rank] = batch.positions[rows]
             cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
@@ -190,26 +232,24 @@ class Executor:
         k, v = self.cache.gather(slot, ctx[:, :lmax])
         key_pos = torch.arange(lmax, device=self.device)
         mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal within the context (R, M, L)
-        out = block.attn(x_pad, k.to(x.dtype), v.to(x.dtype), cos[:, None], sin[:, None], mask[:, None])
-        return block.feedforward(x + out[inverse, rank])
+        return self._block_padded(layer, x, x_pad, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, (inverse, rank))
 
     # ----- kv_fill for rows that exit before step s -----
 
     def _fill(self, rows: Tensor, h: Tensor, s: int, batch: _Batch) -> None:
         """Write core slot s for rows that exited at or before step s (h: their exit states)."""
-        model, fill = self.model, self.cfg.kv_fill
+        fill = self.cfg.kv_fill
         if fill == "shared" and s > 0:
             return  # the single core slot already holds their step-0 entry
         if fill == "latest" and s > 0:  # a copy of the deepest computed entry, passed down slot by slot
             self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index[rows])
             return
         # propagate (and slot 0 of a row that ran no step): the exit state through the slot's block
-        h_step = model.step_input(h, s)
+        h_step, _ = self._gate(h, s, need_score=False)
         choice = self._choose(h_step, s)
         for b in sorted(set(choice.tolist())):
             sel = choice == b
-            block = model.pool[b]
-            self._write_kv(block, block.attn_norm(model.block_input(h_step[sel], b)), rows[sel], self.cache.core_slot(s), batch)
+            self._write_kv(("pool", b), h_step[sel], rows[sel], self.cache.core_slot(s), batch)
 
     # ----- outputs -----
 
@@ -219,7 +259,7 @@ class Executor:
         every = [all_logits or s.all_logits for s in seqs]
         spans = [(end - n, end) if e else (end - 1, end) for n, end, e in zip(lengths, ends, every)]
         rows = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device)
-        logits = self.model.head(self.model.norm(h[rows]))
+        logits = self._logits(h[rows])
         out, start, at = [], 0, 0
         depths = depth.tolist()
         for (a, b), end in zip(spans, ends):

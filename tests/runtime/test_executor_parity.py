@@ -19,11 +19,11 @@ CASES = [
 ]
 
 
-def run_chunked(model, prompts, exit_for, rng: random.Random):
+def run_chunked(model, prompts, exit_for, rng: random.Random, make_executor=Executor):
     """Feed the prompts through the executor in random chunks, several sequences per iteration,
     with scattered block tables. Returns per-sequence (logits (T, V), depths)."""
     cache = PagedKVCache(model.cfg, num_blocks=128, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
-    executor = Executor(model, cache)
+    executor = make_executor(model, cache)
     free = list(range(128))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-len(p) // BLOCK))] for p in prompts]

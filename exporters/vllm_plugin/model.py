@@ -1,0 +1,154 @@
+"""PonderForCausalLM for vLLM: per-token exits inside the forward, one vLLM attention layer per KV slot.
+
+vLLM hands the model a flat batch of new tokens (every sequence's prefill chunk or decode token)
+and owns the paged KV cache of each `Attention` layer. Layers: one per prelude layer, one per
+core slot (max_depth, or one with kv_fill='shared'), one per coda layer. At core step s every
+token writes its slot-s entry (an active token from its own block; an exited token by the
+checkpoint's kv_fill), then the active tokens attend and run their block; the rest keep their
+state. The weights, the exit head, the router and the block pieces are Ponder's own modules
+(runtime.model.PonderModel); only attention runs in vLLM.
+
+The exit price is set per server from the Hugging Face config: `exit_price`, or `compute_budget`
+through the calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`).
+Linear layers are replicated, not sharded: tensor and pipeline parallelism are not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention import Attention
+
+from runtime.calibration import Calibration
+from runtime.config import ModelConfig
+from runtime.layers import Block, apply_rope, rope_tables
+from runtime.model import PonderModel
+
+
+
+def ponder_config(hf_config) -> ModelConfig:
+    from exporters.hf import SUPPORTED_FIELDS
+
+    return ModelConfig(**{name: getattr(hf_config, name) for name in SUPPORTED_FIELDS})
+
+
+def exit_price(hf_config) -> float | None:
+    if getattr(hf_config, "exit_price", None) is not None:
+        return float(hf_config.exit_price)
+    budget = getattr(hf_config, "compute_budget", None)
+    if budget is None:
+        return None
+    table = hf_config.calibration
+    return Calibration(prices=table["prices"], depth_fractions=table["depth_fractions"]).price_for_budget(float(budget))
+
+
+class PonderForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        hf = vllm_config.model_config.hf_config
+        self.cfg = cfg = ponder_config(hf)
+        self.price = exit_price(hf)
+        self.ponder = PonderModel(cfg)
+        self.ponder.head.weight = nn.Parameter(self.ponder.head.weight.detach().clone())  # the export writes it untied
+        cache = vllm_config.cache_config
+
+        def attention(i: int) -> Attention:
+            return Attention(cfg.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=cfg.n_kv_heads,
+                             cache_config=cache, prefix=f"{prefix}slots.{i}.attn")
+
+        self.slots = nn.ModuleList(attention(i) for i in range(cfg.n_prelude + cfg.n_core_slots + cfg.n_coda))
+
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        return self.ponder.embed(input_ids)
+
+    # ----- one layer over rows, attention in vLLM -----
+
+    def _qkv(self, block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows x (n, d) -> q (n, H*D), k, v (n, Hkv*D), rotated."""
+        n, cfg = len(x), self.cfg
+        xn = block.attn_norm(x)
+        q = apply_rope(block.attn.wq(xn).view(n, cfg.n_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+        k, v = block.kv(x[None], cos, sin)  # (1, Hkv, n, D)
+        return (q.transpose(0, 1).reshape(n, -1), k[0].transpose(0, 1).reshape(n, -1),
+                v[0].transpose(0, 1).reshape(n, -1))
+
+    def _finish(self, block: Block, x: Tensor, attn_out: Tensor) -> Tensor:
+        return block.feedforward(x + block.attn.wo(attn_out))
+
+    def _layer(self, slot: int, block: Block, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q, k, v = self._qkv(block, h, cos, sin)
+        return self._finish(block, h, self.slots[slot](q, k, v))
+
+    # ----- the forward -----
+
+    def forward(self, input_ids: Tensor, positions: Tensor, intermediate_tensors=None,
+                inputs_embeds: Tensor | None = None, **kwargs) -> Tensor:
+        cfg, m = self.cfg, self.ponder
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # (N, D)
+        h = inputs_embeds if inputs_embeds is not None else m.embed(input_ids)
+        for i, block in enumerate(m.prelude):
+            h = self._layer(i, block, h, cos, sin)
+        h = self._core(h, cos, sin)
+        # (A per-depth exit adapter would apply to the exit state h here, before the coda.)
+        for i, block in enumerate(m.coda):
+            h = self._layer(cfg.n_prelude + cfg.n_core_slots + i, block, h, cos, sin)
+        return h
+
+    def _core(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        cfg, m = self.cfg, self.ponder
+        N = len(h)
+        active = torch.ones(N, dtype=torch.bool, device=h.device)
+        latest_k = latest_v = shared_kv = None
+        for s in range(cfg.max_depth):
+            h_step = m.step_input(h, s)
+            if self.price is not None and s >= cfg.min_depth:
+                active &= ~(m.exit_score(h_step, s) < self.price)
+            if m.router is not None:
+                choice = m.route_logits(h_step).argmax(-1)
+            else:
+                choice = torch.full((N,), m.scheduled_block(s), dtype=torch.long, device=h.device)
+            q = h.new_zeros(N, cfg.n_heads * cfg.head_dim)  # exited rows' queries are never used
+            k = h.new_zeros(N, cfg.n_kv_heads * cfg.head_dim)
+            v = torch.zeros_like(k)
+            inputs = {}
+            for b in sorted(set(choice.tolist())):
+                rows = (choice == b).nonzero().squeeze(1)
+                x = m.block_input(h_step[rows], b)
+                inputs[b] = (rows, x)
+                q[rows], k[rows], v[rows] = self._qkv(m.pool[b], x, cos[rows], sin[rows])
+            if cfg.kv_fill == "shared":  # every slot reads slot 0: rewrite its entries, attend with new queries
+                if shared_kv is None:
+                    shared_kv = (k, v)
+                k, v = shared_kv
+            elif cfg.kv_fill == "latest":  # exited rows copy their deepest computed entry
+                if latest_k is not None:
+                    k, v = torch.where(active[:, None], k, latest_k), torch.where(active[:, None], v, latest_v)
+                latest_k, latest_v = k, v
+            out = self.slots[cfg.n_prelude + (0 if cfg.kv_fill == "shared" else s)](q, k, v)
+            h_new = h.clone()
+            for b, (rows, x) in inputs.items():
+                keep = active[rows]
+                if keep.any():
+                    h_new[rows[keep]] = self._finish(m.pool[b], x[keep], out[rows[keep]])
+            h = torch.where(active[:, None], h_new, h)
+        return h
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        return self.ponder.head(self.ponder.norm(hidden_states))
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        params = dict(self.ponder.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r}: is this a `ponder export --format hf` directory?")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+            loaded.add(f"ponder.{name}")
+        missing = {f"ponder.{n}" for n in params} - loaded
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
+        return loaded

