@@ -81,5 +81,8 @@ class OrtExecutor(Executor):
         out = self._run(f"{layer[0]}.{layer[1]}.step", x=x_pad, cos=cos, sin=sin, k=k, v=v, mask=mask)[0]
         return out[unpad]
 
+    def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
+        return h  # checkpoints with exit adapters are refused in __init__
+
     def _logits(self, h: Tensor) -> Tensor:
         return self._run("head", h=h)[0]
