@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from ponder import __version__
@@ -83,6 +84,13 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
+
+    @app.exception_handler(HTTPException)  # routing errors (unknown path, wrong method), OpenAI-shaped too
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        response = _error_response(APIError(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
+                                            else "invalid_request_error"))
+        response.headers.update(e.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -247,9 +255,12 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
         out = [encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
+        vocab = tokenizer.get_vocab_size()
         for ids in out:
             if not ids:
                 raise APIError(400, "prompt is empty", param="prompt")
+            if not all(0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
             if len(ids) >= config.max_model_len:
                 raise APIError(400, f"prompt has {len(ids)} tokens; this model's context is {config.max_model_len}",
                                param="prompt")
@@ -324,7 +335,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         texts = [body.prompt] if isinstance(body.prompt, str) else [p if isinstance(p, str) else None for p in body.prompt]
         if len(texts) != len(prompts):  # one prompt given as token ids
             texts = [None]
-        echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+        echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)] if body.echo else []
         shape = _CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts,
                                  echoed=[e for e in echoed for _ in range(body.n)] if body.echo else None,
                                  echo_only=echo_only)
