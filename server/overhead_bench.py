@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -38,9 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs every variant once")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, in this process and the server (1: a shared CPU does not stall a thread team)")
     p.add_argument("--out", default="results/http-overhead.json")
     args = p.parse_args(argv)
-    for name in ("num_prompts", "prompt_len", "max_tokens", "rounds", "max_num_seqs"):
+    for name in ("num_prompts", "prompt_len", "max_tokens", "rounds", "max_num_seqs", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -63,7 +66,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", args.model, "--port", str(port), "--device", "cpu",
            "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -108,7 +112,11 @@ async def run_http(base: str, prompts: list[list[int]], max_tokens: int, stream:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
     from runtime.engine.llm import LLM
+
+    torch.set_num_threads(args.threads)
 
     llm = LLM(args.model, device="cpu", max_num_seqs=args.max_num_seqs)
     prompts = make_prompts(llm.tokenizer, args.num_prompts, args.prompt_len)
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                    "min_ratio": min(r["ratio"][v] for r in rounds),
                    "max_ratio": max(r["ratio"][v] for r in rounds)} for v in VARIANTS[1:]}
     print(f"\n{args.num_prompts} prompts x {args.prompt_len} tokens, max_tokens={args.max_tokens}, greedy, ignore_eos, "
-          f"{args.model}")
+          f"{args.model}, {args.threads} torch thread(s)")
     print(f"{'round':>5} " + " ".join(f"{v + ' tok/s':>17}" for v in VARIANTS) + " " +
           " ".join(f"{v + ' ratio':>17}" for v in VARIANTS[1:]))
     for i, r in enumerate(rounds):
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
-              "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "rounds": rounds, "summary": summary}
+              "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "threads": args.threads,
+              "rounds": rounds, "summary": summary}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rounds, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -164,7 +164,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         self.cache.move([src for src, _ in sched_out.kv_moves], [dst for _, dst in sched_out.kv_moves])
-        if not sched_out.scheduled:
+        if not sched_out.scheduled:  # nothing fits this step (or nothing to do): still close the step
+            self.scheduler.update_from_output(ModelRunnerOutput())
             return []
         chunks = sched_out.scheduled
         now = time.monotonic()

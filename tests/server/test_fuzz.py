@@ -17,7 +17,8 @@ from tests.runtime.test_engine import make_engine
 FUZZ_EXAMPLES = int(os.environ.get("PONDER_FUZZ_EXAMPLES", "40"))
 
 _engine = make_engine(max_waiting=64)
-app = build_app(AsyncEngine(_engine), _engine.tokenizer, ServerConfig(model_name="tiny", max_depth=3, max_model_len=64))
+_async_engine = AsyncEngine(_engine)
+app = build_app(_async_engine, _engine.tokenizer, ServerConfig(model_name="tiny", max_depth=3, max_model_len=64))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -27,6 +28,7 @@ def test_no_server_error(case):
     response = case.call()
     assert response.status_code < 500, f"{case.method} {case.path} {case.body!r} -> {response.status_code}: " \
                                        f"{response.text[:500]}"
+    assert _async_engine.health()["error"] is None, f"{case.body!r} broke the engine: {_async_engine.health()}"
     if response.status_code >= 400:  # every error is OpenAI-shaped
         assert "error" in response.json(), response.text[:500]
 
