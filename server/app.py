@@ -98,23 +98,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                return _error_response(APIError(401, "invalid or missing API key", "authentication_error"))
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > config.max_body_bytes:
-            return _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))
-        if size is None and request.method == "POST":  # chunked: count while reading
-            chunks, received = [], 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > config.max_body_bytes:
-                    return _error_response(APIError(413, f"request body exceeds {config.max_body_bytes} bytes"))
-                chunks.append(chunk)
-            request._body = b"".join(chunks)  # what Request.body() caches; the route reads it from there
-        return await call_next(request)
+    app.add_middleware(_Guard, config=config)
 
     # ----- helpers -----
 
@@ -392,6 +376,47 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         return {"prompt": tokenizer.decode(body.tokens)}
 
     return app
+
+
+class _Guard:
+    """API key and body size limits, as plain ASGI middleware: unlike @app.middleware("http"), it adds
+    no task or stream hop to each chunk of a streamed response."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config, headers = self.config, dict(scope["headers"])
+        if config.api_key and scope["path"].startswith("/v1"):
+            if headers.get(b"authorization") != f"Bearer {config.api_key}".encode():
+                return await _error_response(APIError(401, "invalid or missing API key", "authentication_error"))(
+                    scope, receive, send)
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > config.max_body_bytes:
+            return await _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))(
+                scope, receive, send)
+        if b"content-length" in headers or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks, received = [], 0  # chunked: count while reading, then hand the body on
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            received += len(message.get("body", b""))
+            if received > config.max_body_bytes:
+                return await _error_response(APIError(413, f"request body exceeds {config.max_body_bytes} bytes"))(
+                    scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _cancel(tasks: list[asyncio.Task]) -> None:
