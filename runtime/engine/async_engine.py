@@ -83,8 +83,8 @@ class AsyncEngine:
                 try:  # generate() checked it, but the waiting queue may have filled since
                     self.engine.add_request(request_id, ids, sampling, compute)
                 except Exception as e:
-                    self._deliver(RequestOutput(request_id, [], "", [], [], finished=True, finish_reason="error",
-                                                error=f"{type(e).__name__}: {e}"))
+                    self._deliver([RequestOutput(request_id, [], "", [], [], finished=True, finish_reason="error",
+                                                 error=f"{type(e).__name__}: {e}")])
 
     def health(self) -> dict:
         return {"healthy": self._thread.is_alive() and self._error is None, "error": self._error,
@@ -106,18 +106,23 @@ class AsyncEngine:
             time.sleep(0.01)
         with self._lock:
             for rid in list(self._queues):
-                self._deliver(RequestOutput(rid, [], "", [], [], finished=True, finish_reason="abort"))
+                self._deliver([RequestOutput(rid, [], "", [], [], finished=True, finish_reason="abort")])
                 self.engine.abort(rid)
         self._wake.set()
 
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._queues.get(out.request_id)
-        if target is None:
-            return
-        loop, queue = target
-        if out.finished:
-            self._queues.pop(out.request_id, None)
-        loop.call_soon_threadsafe(queue.put_nowait, out)
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        """Hand outputs to their requests' queues, waking each event loop once per step, not per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            target = self._queues.get(out.request_id)
+            if target is None:
+                continue
+            loop, queue = target
+            if out.finished:
+                self._queues.pop(out.request_id, None)
+            by_loop.setdefault(loop, []).append((queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _loop(self) -> None:
         while True:
@@ -130,13 +135,17 @@ class AsyncEngine:
                 continue
             try:
                 with self._lock:
-                    for out in self.engine.step():
-                        self._deliver(out)
+                    self._deliver(self.engine.step())
             except Exception as e:  # the engine itself broke: report unhealthy, fail what is waiting
                 log.exception("engine loop failed")
                 self._error = f"{type(e).__name__}: {e}"
                 with self._lock:
                     for rid in list(self._queues):
-                        self._deliver(RequestOutput(rid, [], "", [], [], finished=True, finish_reason="error",
-                                                    error=self._error))
+                        self._deliver([RequestOutput(rid, [], "", [], [], finished=True, finish_reason="error",
+                                                     error=self._error)])
                         self.engine.abort(rid)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
