@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from ponder import __version__
@@ -84,29 +85,20 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
 
+    @app.exception_handler(HTTPException)  # routing errors (unknown path, wrong method), OpenAI-shaped too
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        response = _error_response(APIError(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
+                                            else "invalid_request_error"))
+        response.headers.update(e.headers or {})  # e.g. Allow on a 405
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return _error_response(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                return _error_response(APIError(401, "invalid or missing API key", "authentication_error"))
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > config.max_body_bytes:
-            return _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))
-        if size is None and request.method == "POST":  # chunked: count while reading
-            chunks, received = [], 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > config.max_body_bytes:
-                    return _error_response(APIError(413, f"request body exceeds {config.max_body_bytes} bytes"))
-                chunks.append(chunk)
-            request._body = b"".join(chunks)  # what Request.body() caches; the route reads it from there
-        return await call_next(request)
+    app.add_middleware(_Guard, config=config)
 
     # ----- helpers -----
 
@@ -247,9 +239,12 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
         out = [encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
+        vocab = tokenizer.get_vocab_size()
         for ids in out:
             if not ids:
                 raise APIError(400, "prompt is empty", param="prompt")
+            if not all(0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt has token ids outside the vocabulary [0, {vocab})", param="prompt")
             if len(ids) >= config.max_model_len:
                 raise APIError(400, f"prompt has {len(ids)} tokens; this model's context is {config.max_model_len}",
                                param="prompt")
@@ -324,7 +319,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         texts = [body.prompt] if isinstance(body.prompt, str) else [p if isinstance(p, str) else None for p in body.prompt]
         if len(texts) != len(prompts):  # one prompt given as token ids
             texts = [None]
-        echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
+        echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts)] if body.echo else []
         shape = _CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts,
                                  echoed=[e for e in echoed for _ in range(body.n)] if body.echo else None,
                                  echo_only=echo_only)
@@ -381,6 +376,47 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         return {"prompt": tokenizer.decode(body.tokens)}
 
     return app
+
+
+class _Guard:
+    """API key and body size limits, as plain ASGI middleware: unlike @app.middleware("http"), it adds
+    no task or stream hop to each chunk of a streamed response."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config, headers = self.config, dict(scope["headers"])
+        if config.api_key and scope["path"].startswith("/v1"):
+            if headers.get(b"authorization") != f"Bearer {config.api_key}".encode():
+                return await _error_response(APIError(401, "invalid or missing API key", "authentication_error"))(
+                    scope, receive, send)
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > config.max_body_bytes:
+            return await _error_response(APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}"))(
+                scope, receive, send)
+        if b"content-length" in headers or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks, received = [], 0  # chunked: count while reading, then hand the body on
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            received += len(message.get("body", b""))
+            if received > config.max_body_bytes:
+                return await _error_response(APIError(413, f"request body exceeds {config.max_body_bytes} bytes"))(
+                    scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _cancel(tasks: list[asyncio.Task]) -> None:

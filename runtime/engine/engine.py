@@ -139,14 +139,7 @@ class LLMEngine:
                     compute: ComputeParams | None = None) -> None:
         """Validates and queues a request; raises ParamError / RequestTooLongError / OverloadedError."""
         cfg = self.ckpt.config
-        compute = compute or ComputeParams()
-        compute.validate(cfg.max_depth, cfg.thought_kv)
-        if sampling.n != 1:
-            raise ParamError("n", "the engine runs one sequence per request; fan n > 1 out above it")
-        if not prompt_token_ids:
-            raise ParamError("prompt", "is empty; give at least one token")
-        if any(not 0 <= t < cfg.vocab_size for t in prompt_token_ids):
-            raise ParamError("prompt", f"has token ids outside the vocabulary [0, {cfg.vocab_size})")
+        compute = self.check_request(prompt_token_ids, sampling, compute)
         stop_ids = set(sampling.stop_token_ids)
         if cfg.eos_id is not None and not sampling.ignore_eos:
             stop_ids.add(cfg.eos_id)
@@ -167,6 +160,22 @@ class LLMEngine:
         self.live.pop(request_id, None)
         return found
 
+    def check_request(self, prompt_token_ids: list[int], sampling: SamplingParams,
+                      compute: ComputeParams | None = None) -> ComputeParams:
+        """The checks of add_request that read no request state (so any thread may run them):
+        raises ParamError / RequestTooLongError. Returns the compute parameters in effect."""
+        cfg = self.ckpt.config
+        compute = compute or ComputeParams()
+        compute.validate(cfg.max_depth, cfg.thought_kv)
+        if sampling.n != 1:
+            raise ParamError("n", "the engine runs one sequence per request; fan n > 1 out above it")
+        if not prompt_token_ids:
+            raise ParamError("prompt", "is empty; give at least one token")
+        if any(not 0 <= t < cfg.vocab_size for t in prompt_token_ids):
+            raise ParamError("prompt", f"has token ids outside the vocabulary [0, {cfg.vocab_size})")
+        self.scheduler.check_fits(len(prompt_token_ids), sampling.max_tokens)
+        return compute
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -175,7 +184,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         self.cache.move([src for src, _ in sched_out.kv_moves], [dst for _, dst in sched_out.kv_moves])
-        if not sched_out.scheduled:
+        if not sched_out.scheduled:  # nothing fits this step (or nothing to do): still close the step
+            self.scheduler.update_from_output(ModelRunnerOutput())
             return []
         chunks = sched_out.scheduled
         now = time.monotonic()

@@ -149,22 +149,27 @@ class Scheduler:
             raise ValueError(f"request {req.request_id!r} is not fresh (status {req.status.name}); add a new Request")
         if len(self.waiting) >= cfg.max_waiting:
             raise OverloadedError(f"{len(self.waiting)} requests are already waiting (max_waiting={cfg.max_waiting})")
-        num_prompt = len(req.prompt_token_ids)
-        if num_prompt + req.max_tokens > cfg.max_model_len:
+        self.check_fits(len(req.prompt_token_ids), req.max_tokens)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def check_fits(self, num_prompt: int, max_tokens: int) -> None:
+        """Raise `RequestTooLongError` unless such a request fits max_model_len and the whole KV cache.
+        Reads only the configuration, so any thread may call it."""
+        cfg = self.config
+        if num_prompt + max_tokens > cfg.max_model_len:
             raise RequestTooLongError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds max_model_len="
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds max_model_len="
                 f"{cfg.max_model_len}; shorten the prompt or lower max_tokens"
             )
         # The last output token is never run, so a request holds KV for at most this many positions.
-        num_blocks = self.allocator.num_blocks_for(num_prompt + req.max_tokens - 1)
+        num_blocks = self.allocator.num_blocks_for(num_prompt + max_tokens - 1)
         if num_blocks > cfg.num_kv_blocks:
             raise RequestTooLongError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({req.max_tokens}) needs {num_blocks} KV blocks but "
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {num_blocks} KV blocks but "
                 f"the cache has only {cfg.num_kv_blocks}; shorten the prompt, lower max_tokens or give the cache "
                 f"more memory"
             )
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if the id is unknown or finished."""

@@ -1,4 +1,6 @@
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -48,3 +50,35 @@ def test_bad_requests_raise_in_the_caller_and_harm_nobody():
     outs = asyncio.run(main())
     assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 4
     engine.shutdown()
+
+
+def test_requests_arriving_during_a_step_wait_in_the_inbox_not_on_the_event_loop():
+    """generate() and abort() must not wait for a running step (the engine thread holds the lock for
+    one): requests that arrive together are then admitted into the same step."""
+    engine = AsyncEngine(make_engine(max_num_seqs=8))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    holding, release = threading.Event(), threading.Event()
+
+    def long_step():  # another thread holds the engine lock, as the engine thread does during a step
+        with engine._lock:
+            holding.set()
+            release.wait(timeout=5)
+
+    async def main():
+        holder = threading.Thread(target=long_step)
+        holder.start()
+        holding.wait()
+        started = time.monotonic()
+        streams = [engine.generate(f"r{i}", [1 + i, 2, 3], params) for i in range(4)]
+        await engine.abort("r3")
+        waited = time.monotonic() - started
+        added = engine.engine.scheduler.num_waiting
+        release.set()
+        holder.join()
+        assert waited < 0.5 and added == 0  # nothing waited for the lock; the engine thread adds them
+        return [[out async for out in s] for s in streams[:3]]
+
+    outs = asyncio.run(main())
+    assert all(sum(len(o.new_token_ids) for o in seq) == 4 and seq[-1].finished for seq in outs)
+    assert engine.engine.scheduler.num_running == 0 and not engine.engine.has_unfinished()

@@ -72,6 +72,8 @@ def test_chat_streaming_with_usage(client):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x" * 80}, "prompt"),
     ({"prompt": [1, 2, 999]}, "prompt"),
+    ({"prompt": [-1]}, "prompt"),  # found by the fuzz run: was an OverflowError (500) in decode
+    ({"prompt": [[3, 4], [5, -2]], "echo": True, "max_tokens": 0}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"),
     ({}, "prompt"),
 ])
@@ -147,3 +149,10 @@ def test_echo_scores_the_prompt_like_vllm(client):
 ])
 def test_bad_echo_requests_are_400(client, body):
     assert client.post("/v1/completions", json=body).status_code == 400
+
+
+def test_routing_errors_are_openai_shaped(client):
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["code"] == "405"
