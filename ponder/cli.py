@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, OverloadedError) as e:
+    except (ValueError, OSError, CheckpointError, OverloadedError) as e:  # OSError: missing files, unreachable hub ids
         print(f"ponder {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -100,7 +100,7 @@ def _base_state(source: str) -> dict[str, torch.Tensor]:
 
     try:
         base = base_checkpoint(source)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # missing package or file, unreachable hub id, no accelerate
         raise CheckpointError(f"cannot load base model {source!r}: {e}") from e
     return {k: v for k, v in load_file(str(base / WEIGHTS)).items() if not k.startswith(("exit_head.", "exit_adapters."))}
 
