@@ -73,8 +73,8 @@ def metrics(logits: Tensor, targets: Tensor, full_top1: Tensor, depth: Tensor, c
 
 
 @torch.no_grad()
-def confidences(model: PonderModel, ids: Tensor, batch: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Full-depth logits, per-depth top-1 probabilities (D, N, T) of the adapted decode, and states."""
+def confidences(model: PonderModel, ids: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-depth logits, per-depth top-1 probabilities (D, N, T) of the adapted decode, and the states (D+1, N, T, d)."""
     cfg = model.cfg
     full, conf, all_states = [], [], []
     for i in tqdm(range(0, len(ids), batch), desc="full-depth pass", unit="batch"):
@@ -85,7 +85,7 @@ def confidences(model: PonderModel, ids: Tensor, batch: int) -> tuple[Tensor, Te
             decode_at(model, out.states[d], d, True).softmax(-1).amax(-1) if d >= cfg.min_depth else torch.zeros(out.depth.shape)
             for d in range(cfg.max_depth)
         ]))
-    return torch.cat(full), torch.cat(conf, dim=1), [torch.cat(all_states, dim=1)]
+    return torch.cat(full), torch.cat(conf, dim=1), torch.cat(all_states, dim=1)
 
 
 def calm_depths(conf: Tensor, threshold: float, min_depth: int) -> Tensor:
@@ -131,7 +131,7 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
     val = windows(ckpt.tokenizer, "val", window, max(2, n_windows // 4))
     ids, targets = test[:, :-1], test[:, 1:]
     start = time.perf_counter()
-    full_logits, conf, (states,) = confidences(model, ids, batch)
+    full_logits, conf, states = confidences(model, ids, batch)
     _, val_conf, _ = confidences(model, val[:, :-1], batch)
     full_top1 = full_logits.argmax(-1)
     rows: list[dict] = []

@@ -228,15 +228,18 @@ class LLMEngine:
         A chunk replayed after preemption scores positions already scored; those are skipped."""
         live = self.live[chunk.request_id]
         prompt, n = live.request.prompt_token_ids, live.sampling.prompt_logprobs
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-        for row, p in enumerate(range(chunk.start_position, chunk.start_position + len(chunk.token_ids))):
-            if p + 1 >= len(prompt) or p < len(live.prompt_logprobs):
-                continue
-            token = prompt[p + 1]
-            top = torch.topk(logprobs[row], n) if n else None
-            live.prompt_logprobs.append(Sampled(token, float(logprobs[row, token]),
-                                                list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
-            live.prompt_depths.append(out.depths[row])
+        start = chunk.start_position
+        first, end = max(start, len(live.prompt_logprobs)), min(start + len(chunk.token_ids), len(prompt) - 1)
+        if first >= end:
+            return
+        logprobs = torch.log_softmax(out.logits[first - start : end - start].float(), dim=-1)
+        targets = torch.tensor(prompt[first + 1 : end + 1], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top = torch.topk(logprobs, n) if n else None
+        top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top else ([[]] * len(chosen), [[]] * len(chosen))
+        for token, lp, ids, vals in zip(targets.tolist(), chosen, top_ids, top_vals):
+            live.prompt_logprobs.append(Sampled(token, lp, list(zip(ids, vals))))
+        live.prompt_depths += out.depths[first - start : end - start]
 
     def _sample_row(self, request_id: str) -> SampleRow:
         live = self.live[request_id]

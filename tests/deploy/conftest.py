@@ -3,14 +3,13 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.live_server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,29 +35,12 @@ def exec_form(instruction: str) -> list[str]:
 @pytest.fixture(scope="package")
 def entrypoint_server():
     """(base URL, port) of the image's ENTRYPOINT with arguments passed through, as `docker run IMAGE ARGS`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The image binds 0.0.0.0 (PONDER_HOST); outside a container the test passes --host to stay on loopback.
     passthrough = ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                    "--served-model-name", "container-test", "--log-level", "warning"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen(exec_form("ENTRYPOINT") + passthrough, cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(160):
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail(f"the entrypoint did not start: {proc.stdout.read().decode()[-2000:]}")
-    if proc.poll() is not None:
-        pytest.fail(f"the entrypoint exited: {proc.stdout.read().decode()[-2000:]}")
+    base, proc = start_server(exec_form("ENTRYPOINT") + passthrough, port, tries=160, cwd=ROOT, env=env)
     yield base, port
     proc.terminate()
     try:

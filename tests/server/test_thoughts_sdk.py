@@ -1,15 +1,14 @@
 """End to end: `ponder serve` on the shipped addition-with-thoughts checkpoint, driven by the official
 OpenAI SDK. The thoughts come back as reasoning_content, apart from the content, streaming or not."""
 
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+
+from tests.live_server import free_port, start_server
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "addition-think"
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
@@ -19,22 +18,9 @@ ANSWER = "0469134"
 
 @pytest.fixture(scope="module")
 def base():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ponder.cli", "serve", "--model", str(CHECKPOINT), "--port", str(port),
-                             "--device", "cpu", "--chat-template", TEMPLATE, "--block-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    port = free_port()
+    url, proc = start_server([sys.executable, "-m", "ponder.cli", "serve", "--model", str(CHECKPOINT), "--port", str(port),
+                              "--device", "cpu", "--chat-template", TEMPLATE, "--block-size", "4"], port)
     yield url
     proc.kill()
 
