@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from exporters.onnx_export import export_onnx
-from runtime.bench import bench_cell, make_prompts
+from runtime.bench import make_prompts, measure, percentile
 from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.executor import SeqInput
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"max |onnx - torch| logits over a {args.prompt_len}-token prompt: full depth {diffs['full_depth']:.2e}, "
           f"price {half_price:.3f} (budget 0.5) {diffs['budget_0.5_price']:.2e}")
     for engine in engines.values():
-        bench_cell(engine, prompts[:1], 1.0, 4)  # warm-up
+        measure(engine, prompts[:1], 1.0, 4)  # warm-up
     rows = []
     print(f"{'batch':>5} {'budget':>6} {'torch tok/s':>12} {'onnx tok/s':>11} {'ratio':>6} {'depth':>6} {'same tokens':>12}")
     for batch in batches:
@@ -86,13 +86,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cells = {"torch": [], "onnx": []}
             for _ in range(args.repeats):
                 for name, engine in engines.items():
-                    cells[name].append(bench_cell(engine, prompts[:batch], budget, args.max_tokens))
-            tps = {name: statistics.median(c["decode_tokens_per_s"] for c in cs) for name, cs in cells.items()}
+                    cells[name].append(measure(engine, prompts[:batch], budget, args.max_tokens))
+            tps = {name: statistics.median(c["tokens_per_s"] for c in cs) for name, cs in cells.items()}
+            itl = {name: [t for c in cs for t in c["itl"]] for name, cs in cells.items()}
             row = {"batch": batch, "budget": budget, "torch_tok_s": tps["torch"], "onnx_tok_s": tps["onnx"],
                    "ratio_onnx_over_torch": tps["onnx"] / tps["torch"], "same_tokens": same,
-                   "mean_core_depth": {n: statistics.fmean(c["mean_core_depth"] for c in cs) for n, cs in cells.items()},
-                   "itl_p50_ms": {n: statistics.median(c["itl_p50_ms"] for c in cs) for n, cs in cells.items()},
-                   "itl_p99_ms": {n: statistics.median(c["itl_p99_ms"] for c in cs) for n, cs in cells.items()}}
+                   "mean_core_depth": {n: statistics.fmean(d for c in cs for d in c["depths"]) for n, cs in cells.items()},
+                   "itl_p50_ms": {n: 1e3 * percentile(t, 0.5) for n, t in itl.items()},
+                   "itl_p99_ms": {n: 1e3 * percentile(t, 0.99) for n, t in itl.items()}}
             rows.append(row)
             print(f"{batch:>5} {budget:>6.2f} {tps['torch']:>12.1f} {tps['onnx']:>11.1f} {row['ratio_onnx_over_torch']:>5.2f}x "
                   f"{row['mean_core_depth']['onnx']:>6.2f} {str(same):>12}", flush=True)

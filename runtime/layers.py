@@ -21,6 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # One fused op, in fp32 whatever the activation dtype.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -54,6 +56,17 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
+
+    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows x (n, d) of normed input, cos/sin (n, D) -> k, v (n, Hkv, D) and queries q (n, H, D), rotated."""
+        n, H, Hkv, D = len(x), self.n_heads, self.n_kv_heads, self.head_dim
+        qk = torch.cat([self.wq(x).view(n, H, D), self.wk(x).view(n, Hkv, D)], dim=1)
+        qk = apply_rope(qk, cos[:, None], sin[:, None])  # one rotation for queries and keys
+        return qk[:, H:], self.wv(x).view(n, Hkv, D), qk[:, :H]
+
+    def out(self, attn: Tensor) -> Tensor:
+        """The output projection of attention results (..., H * D)."""
+        return self.wo(attn)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """Queries from x (B, T, d) attend to k, v (B, Hkv, S, D). mask: bool (T, S) or (B, 1, T, S),
@@ -91,6 +104,11 @@ class Block(nn.Module):
     def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The K/V entry this block writes for input x (B, T, d)."""
         return self.attn.project_kv(self.attn_norm(x), cos, sin)
+
+    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For rows x (n, d): the K/V entry this block writes, (n, Hkv, D) each, and the rotated queries
+        (n, H, D), from one attention norm."""
+        return self.attn.project_rows(self.attn_norm(x), cos, sin)
 
     def attention(self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """The attention half with its residual: x + attn(norm(x)) over the given K/V."""

@@ -12,9 +12,11 @@ Attention reads the paged cache: every row's slot-s entry is written before step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.engine.kv_cache import PagedKVCache
@@ -51,11 +53,37 @@ class _Batch:
     positions: Tensor  # (N,)
     index: Tensor  # (N,) flat cache position of each row
     seq: Tensor  # (N,) sequence number of each row
-    ctx_index: Tensor  # (S, Lmax) flat cache positions of each sequence's context, padded with 0
+    ctx_index: Tensor  # (S, L) flat cache positions of each sequence's context, padded with 0
     ctx_len: Tensor  # (S,)
     cos: Tensor  # (N, D)
     sin: Tensor
-    one_row_per_seq: bool  # a pure decode step
+    one_row_per_seq: bool  # a pure decode step: row i is sequence i
+    decode_mask: Tensor | None  # (S, 1, L) True on each sequence's context, for decode steps
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class _Padding:
+    """Rows of several sequences laid out per sequence as (R, M, ...): row i at [inverse[i], rank[i]].
+    In a decode step every row is its own sequence, so padding is a reshape."""
+
+    inverse: Tensor | None
+    rank: Tensor | None
+    R: int
+    M: int
+
+    def pad(self, t: Tensor) -> Tensor:
+        if self.inverse is None:
+            return t[:, None]
+        out = t.new_zeros(self.R, self.M, *t.shape[1:])
+        out[self.inverse, self.rank] = t
+        return out
+
+    def unpad(self, t: Tensor) -> Tensor:
+        return t[:, 0] if self.inverse is None else t[self.inverse, self.rank]
 
 
 class Executor:
@@ -63,56 +91,94 @@ class Executor:
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.device = next(model.parameters()).device
         self.num_block_calls = 0  # core block applications (row-level), for accounting
+        self.num_batched_calls = 0  # core block calls (one per block group and step), for accounting
 
     @torch.inference_mode()
     def run(self, seqs: list[SeqInput], all_logits: bool = False) -> list[SeqOutput]:
         cfg, D = self.cfg, self.cfg.max_depth
         batch = self._batch(seqs)
-        N = len(batch.positions)
+        N = batch.num_rows
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
-        price, lo, hi, forced = self._exit_rows(seqs)
-        # The first step at which some row could exit by price; before it the exit head is skipped.
-        priced = [cfg.min_depth if q.min_depth is None else q.min_depth for q in seqs if q.price is not None]
-        first_priced_step = min(priced, default=D)
+        bar = self._exit_bars(seqs)
+        first_exit_step, first_priced_step = self._first_exit_steps(seqs)
 
         h = self._embed(ids)
         for layer in range(cfg.n_prelude):
             h = self._layer(("prelude", layer), h, self.cache.prelude_slot(layer), batch)
 
-        depth = torch.zeros(N, dtype=torch.long, device=self.device)
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
         active = torch.arange(N, device=self.device)
         exited = active[:0]  # rows that left the core; their slot-s entries follow kv_fill
         for s in range(D):
+            h_step = None
             if len(active):
-                h_step, score = self._gate(h[active], s, need_score=s >= first_priced_step)
-                stop = (s >= hi[active]) | (s >= forced[active])
-                if score is not None:
-                    stop |= (s >= lo[active]) & (score < price[active])
-                if stop.any():
-                    exited = torch.cat([exited, active[stop]])
-                    active, h_step = active[~stop], h_step[~stop]
-            if len(exited):  # one batched fill per step for every row exited so far
-                self._fill(exited, h[exited], s, batch)
-            if len(active) == 0:
-                continue  # no block runs, but deeper slots of exited rows still get filled
-            choice = self._choose(h_step, s)
-            groups = [(("pool", b), active[sel], h_step[sel]) for b, sel in
-                      ((b, choice == b) for b in sorted(set(choice.tolist())))]
-            slot = self.cache.core_slot(s)
-            if not (cfg.kv_fill == "shared" and s > 0):
-                for layer, rows, x in groups:  # every row's slot-s entry before anyone attends
-                    self._write_kv(layer, x, rows, slot, batch)
-            for layer, rows, x in groups:
-                h[rows] = self._attend_ff(layer, x, rows, slot, batch)
-                path[rows, s] = layer[1]
-                depth[rows] += 1
-                self.num_block_calls += len(rows)
+                h_step, score = self._gate(self._take(h, active, N), s, need_score=s >= first_priced_step)
+                if s >= first_exit_step:
+                    bar_s = self._take(bar[:, s], active, N)
+                    stop = bar_s == math.inf if score is None else score < bar_s
+                    if stop.any():
+                        exited = torch.cat([exited, active[stop]]).sort().values  # rows stay in order
+                        active, h_step = active[~stop], h_step[~stop]
+            h = self._core_step(s, h, h_step, active, exited, path, batch)
 
+        depth = (path >= 0).sum(-1)
         h = self._adapt(h, depth)
         for layer in range(cfg.n_coda):
             h = self._layer(("coda", layer), h, self.cache.coda_slot(layer), batch)
         return self._outputs(seqs, h, depth, path, all_logits)
+
+    def _core_step(self, s: int, h: Tensor, h_step: Tensor | None, active: Tensor, exited: Tensor, path: Tensor,
+                   batch: _Batch) -> Tensor:
+        """Core step s: every row's slot-s entry is written (active rows from their block input, exited
+        rows by kv_fill, in the same projection call where they share a block); then each block group
+        of active rows attends and runs its MLP."""
+        cfg, N = self.cfg, batch.num_rows
+        slot = self.cache.core_slot(s)
+        writes: dict[int, list[tuple[Tensor, Tensor]]] = {}  # block -> [(rows, block input)], active rows first
+        groups = self._groups(h_step, active, s) if len(active) else []
+        for b, rows, x in groups:
+            writes.setdefault(b, []).append((rows, x))
+        if len(exited):
+            if cfg.kv_fill == "latest" and s > 0:  # a copy of the deepest computed entry, passed down slot by slot
+                self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[exited])
+            elif cfg.kv_fill == "propagate" or s == 0:  # the exit state through the block of this step
+                fill_step, _ = self._gate(h[exited], s, need_score=False)
+                for b, rows, x in self._groups(fill_step, exited, s):
+                    writes.setdefault(b, []).append((rows, x))
+            # shared, s > 0: the single core slot already holds their step-0 entry
+        queries = {}
+        for b, parts in writes.items():
+            # Active rows and fill rows of the same block share one projection call.
+            rows, x = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+            ordered = len(parts) == 1  # each part's rows are ascending; a concatenation is not
+            cos, sin, index = (self._take(t, rows, N) if ordered else t[rows] for t in (batch.cos, batch.sin, batch.index))
+            k, v, q = self._project(("pool", b), x, cos, sin)
+            if not (cfg.kv_fill == "shared" and s > 0):
+                self.cache.write(slot, index, k, v)
+            queries[b] = q
+        for b, rows, x in groups:
+            q = queries[b]
+            out = self._attend(("pool", b), x, None if q is None else q[: len(rows)], rows, slot, batch)
+            if len(rows) == N:
+                h = out
+            else:
+                h[rows] = out
+            path[rows, s] = b
+            self.num_block_calls += len(rows)
+            self.num_batched_calls += 1
+        return h
+
+    def _groups(self, h_step: Tensor, rows: Tensor, s: int) -> list[tuple[int, Tensor, Tensor]]:
+        """(block, rows, block-step inputs) for each block the rows take at step s."""
+        if self.cfg.schedule != "routed":
+            return [(s if self.cfg.schedule == "fixed" else 0, rows, h_step)]
+        choice = self._route_logits(h_step).argmax(-1)
+        return [(b, rows[sel], h_step[sel]) for b, sel in ((b, choice == b) for b in sorted(set(choice.tolist())))]
+
+    @staticmethod
+    def _take(t: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+        """t[rows], without a copy when rows are all rows in order."""
+        return t if len(rows) == num_rows else t[rows]
 
     # ----- compute: the only methods that touch weights (an ONNX backend overrides them) -----
 
@@ -134,20 +200,20 @@ class Executor:
             return self.model.pool[i], self.model.block_input(x, i)
         return getattr(self.model, kind)[i], x
 
-    def _kv(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """The slot entries k, v (n, Hkv, D) that rows with input x (n, d) write."""
+    def _project(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The slot entries k, v (n, Hkv, D) that rows with input x (n, d) write, and what `_block_padded`
+        may reuse for the same rows (here their rotated queries (n, H, D), from the same norm)."""
         block, x = self._block(layer, x)
-        k, v = block.kv(x[None], cos, sin)  # (1, Hkv, n, D)
-        return k[0].transpose(0, 1), v[0].transpose(0, 1)
+        return block.project_rows(x, cos, sin)
 
-    def _block_padded(self, layer: Layer, x: Tensor, x_pad: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                      mask: Tensor, unpad: tuple[Tensor, Tensor]) -> Tensor:
-        """The layer on rows x (n, d), also given padded per sequence as x_pad (R, M, d), attending to
-        k, v (R, Hkv, L, D) under mask (R, M, L); x_pad[unpad] == x. Returns (n, d)."""
+    def _block_padded(self, layer: Layer, x: Tensor, q: Tensor | None, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                      mask: Tensor, padding: _Padding) -> Tensor:
+        """The layer on rows x (n, d) with queries q from `_project`, attending per sequence (padded
+        by `padding`) to k, v (R, Hkv, L, D) under mask (R, M, L). Returns (n, d)."""
         block, x = self._block(layer, x)
-        _, x_pad = self._block(layer, x_pad)
-        out = block.attn(block.attn_norm(x_pad), k, v, cos[:, None], sin[:, None], mask[:, None])
-        return block.feedforward(x + out[unpad])  # the MLP on real rows only
+        q_pad = padding.pad(q).transpose(1, 2)  # (R, H, M, D)
+        out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
+        return block.feedforward(x + block.attn.out(padding.unpad(out.transpose(1, 2)).flatten(1)))
 
     def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
         """Exit adapters on rows h (n, d) by their core depth (identity for models without them)."""
@@ -166,90 +232,69 @@ class Executor:
         ctx_len = starts + counts
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device=dev)
-        key_pos = torch.arange(int(ctx_len.max()), device=dev)
-        ctx = tables[:, key_pos // bs] * bs + key_pos % bs  # (S, Lmax); padding is masked by position
+        lmax = max(s.start_position + len(s.token_ids) for s in seqs)
+        key_pos = torch.arange(lmax, device=dev)
+        ctx = tables[:, key_pos // bs] * bs + key_pos % bs  # (S, L); padding is masked by position
         seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
         pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
         offsets = torch.tensor([s.position_offset for s in seqs], device=dev)
         cos, sin = rope_tables(pos + offsets[seq_ids], self.cfg.head_dim, self.cfg.rope_theta)  # cache order is causal order; RoPE keeps token positions
-        return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin,
-                      one_row_per_seq=all(len(s.token_ids) == 1 for s in seqs))
+        decode = all(len(s.token_ids) == 1 for s in seqs)
+        decode_mask = (key_pos[None, :] < ctx_len[:, None])[:, None] if decode else None
+        return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin, decode, decode_mask)
 
-    def _exit_rows(self, seqs: list[SeqInput]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-row price, min depth, max depth and forced depth (max_depth + 1 where none)."""
-        cfg, price, lo, hi, forced = self.cfg, [], [], [], []
+    def _exit_bars(self, seqs: list[SeqInput]) -> Tensor:
+        """(N, max_depth): a row exits before step s when its exit score is below bar[row, s]; +inf from
+        its cap (max depth or forced depth) on, its price from its min depth on, -inf before."""
+        cfg, price, lo, cap = self.cfg, [], [], []
         for s in seqs:
             n = len(s.token_ids)
-            price += [float("-inf") if s.price is None else s.price] * n
+            price += [-math.inf if s.price is None else s.price] * n
             lo += [cfg.min_depth if s.min_depth is None else s.min_depth] * n
-            hi += [cfg.max_depth if s.max_depth is None else min(s.max_depth, cfg.max_depth)] * n
-            forced += s.depths if s.depths is not None else [cfg.max_depth + 1] * n
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        return as_tensor(price, torch.float32), as_tensor(lo, torch.long), as_tensor(hi, torch.long), as_tensor(forced, torch.long)
+            hi = cfg.max_depth if s.max_depth is None else min(s.max_depth, cfg.max_depth)
+            cap += [min(hi, d) for d in s.depths] if s.depths is not None else [hi] * n
+        step = torch.arange(cfg.max_depth, device=self.device)[None, :]
+        price, lo, cap = (torch.tensor(x, device=self.device)[:, None] for x in (price, lo, cap))
+        priced = torch.where(step >= lo, price.float(), -math.inf)
+        return torch.where(step >= cap, math.inf, priced)
 
-    # ----- blocks over rows -----
+    def _first_exit_steps(self, seqs: list[SeqInput]) -> tuple[int, int]:
+        """The first step at which any row could exit, and the first at which one could exit by price;
+        before them the exit tests (and the exit head) are skipped."""
+        cfg, D = self.cfg, self.cfg.max_depth
+        priced = [cfg.min_depth if q.min_depth is None else q.min_depth for q in seqs if q.price is not None]
+        capped = [min(q.depths) if q.depths else D for q in seqs] + [q.max_depth for q in seqs if q.max_depth is not None]
+        first_priced = min(priced, default=D)
+        return min([first_priced, *capped]), first_priced
 
-    def _choose(self, h_step: Tensor, s: int) -> Tensor:
-        if self.cfg.schedule != "routed":
-            block = s if self.cfg.schedule == "fixed" else 0
-            return torch.full((len(h_step),), block, dtype=torch.long, device=self.device)
-        return self._route_logits(h_step).argmax(-1)
-
-    def _write_kv(self, layer: Layer, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> None:
-        """Write the slot entries of rows from their layer inputs x (n, d)."""
-        k, v = self._kv(layer, x, batch.cos[rows], batch.sin[rows])
-        self.cache.write(slot, batch.index[rows], k, v)
+    # ----- layers over rows -----
 
     def _layer(self, layer: Layer, h: Tensor, slot: int, batch: _Batch) -> Tensor:
         """A prelude or coda layer: every row writes its entry, then every row attends."""
         rows = torch.arange(len(h), device=self.device)
-        self._write_kv(layer, h, rows, slot, batch)
-        return self._attend_ff(layer, h, rows, slot, batch)
+        k, v, q = self._project(layer, h, batch.cos, batch.sin)
+        self.cache.write(slot, batch.index, k, v)
+        return self._attend(layer, h, q, rows, slot, batch)
 
-    def _attend_ff(self, layer: Layer, x: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
-        """The layer on rows (inputs x: (n, d)) over their sequences' cached slot. Rows are padded per
-        sequence into (R, M, d), so one attention call serves all of them."""
-        seq = batch.seq[rows]
-        if batch.one_row_per_seq:  # decode: every row is its own sequence, nothing to pad
-            present, inverse = seq, torch.arange(len(rows), device=self.device)
-            rank = torch.zeros_like(inverse)
-            x_pad, pos_pad = x[:, None], batch.positions[rows][:, None]
-            cos, sin = batch.cos[rows][:, None], batch.sin[rows][:, None]
+    def _attend(self, layer: Layer, x: Tensor, q: Tensor | None, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """The layer on rows (inputs x: (n, d)) over their sequences' cached slot, all in one padded
+        attention call: rows are laid out per sequence as (R, M, d)."""
+        N = batch.num_rows
+        if batch.one_row_per_seq:  # decode: every row is its own sequence
+            padding = _Padding(None, None, len(rows), 1)
+            ctx, mask = self._take(batch.ctx_index, rows, N), self._take(batch.decode_mask, rows, N)
         else:
+            seq = batch.seq[rows]
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
-            R, M = len(present), int(counts.max())
-            x_pad = x.new_zeros(R, M, x.shape[-1])
-            x_pad[inverse, rank] = x
-            pos_pad = torch.zeros(R, M, dtype=torch.long, device=self.device)
-            pos_pad[inverse, rank] = batch.positions[rows]
-            cos = batch.cos.new_zeros(R, M, batch.cos.shape[-1])
-            sin = torch.zeros_like(cos)
-            cos[inverse, rank], sin[inverse, rank] = batch.cos[rows], batch.sin[rows]  # tables made once per step
-        ctx = batch.ctx_index[present]
-        lmax = int(batch.ctx_len[present].max())
-        k, v = self.cache.gather(slot, ctx[:, :lmax])
-        key_pos = torch.arange(lmax, device=self.device)
-        mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal within the context (R, M, L)
-        return self._block_padded(layer, x, x_pad, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, (inverse, rank))
-
-    # ----- kv_fill for rows that exit before step s -----
-
-    def _fill(self, rows: Tensor, h: Tensor, s: int, batch: _Batch) -> None:
-        """Write core slot s for rows that exited at or before step s (h: their exit states)."""
-        fill = self.cfg.kv_fill
-        if fill == "shared" and s > 0:
-            return  # the single core slot already holds their step-0 entry
-        if fill == "latest" and s > 0:  # a copy of the deepest computed entry, passed down slot by slot
-            self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index[rows])
-            return
-        # propagate (and slot 0 of a row that ran no step): the exit state through the slot's block
-        h_step, _ = self._gate(h, s, need_score=False)
-        choice = self._choose(h_step, s)
-        for b in sorted(set(choice.tolist())):
-            sel = choice == b
-            self._write_kv(("pool", b), h_step[sel], rows[sel], self.cache.core_slot(s), batch)
+            padding = _Padding(inverse, rank, len(present), int(counts.max()))
+            pos_pad = padding.pad(batch.positions[rows])
+            ctx = batch.ctx_index[present]
+            mask = torch.arange(ctx.shape[1], device=self.device)[None, None, :] <= pos_pad[:, :, None]  # causal (R, M, L)
+        k, v = self.cache.gather(slot, ctx)
+        cos, sin = self._take(batch.cos, rows, N), self._take(batch.sin, rows, N)
+        return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
 
     # ----- outputs -----
 

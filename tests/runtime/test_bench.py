@@ -3,12 +3,24 @@ import json
 from ponder.cli import main
 
 
-def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+def test_bench_prints_a_table_and_writes_json_and_a_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--batch-sizes", "2", "--budgets", "1.0,0.5", "--prompt-len", "16", "--max-tokens", "6",
-                 "--prompt-file", "training/data/austen/persuasion.txt", "--out", str(out)]) == 0
+                 "--rounds", "2", "--prompt-file", "training/data/austen/persuasion.txt", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["budget"]) for r in rows] == [(2, 1.0), (2, 0.5)]
-    assert rows[0]["mean_core_depth"] == 6.0 and rows[1]["mean_core_depth"] < 6.0
+    assert [(r["batch"], r["budget"], r["rounds"]) for r in rows] == [(2, 1.0, 2), (2, 0.5, 2)]
+    full, half = rows
+    assert full["mean_core_depth"] == 6.0 and half["mean_core_depth"] < 6.0
+    assert full["speedup"] == full["ideal_speedup"] == full["weights_ideal_speedup"] == 1.0
+    # Fewer steps per token and fewer batched calls per iteration imply ideal speedups above 1.
+    assert half["ideal_speedup"] > 1.0
+    assert half["core_calls_per_step"] <= full["core_calls_per_step"] == 6.0
+    assert half["weights_ideal_speedup"] >= 1.0
     assert all(r["decode_tokens_per_s"] > 0 for r in rows)
-    assert "speedup" in capsys.readouterr().out
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "weights ideal" in capsys.readouterr().out
+
+
+def test_bench_refuses_zero_rounds(tmp_path, capsys):
+    assert main(["bench", "--batch-sizes", "1", "--budgets", "1.0", "--rounds", "0", "--out", str(tmp_path / "b.json")]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
