@@ -3,7 +3,8 @@
     python -m exporters.hf_baseline [--model DIR] [--batch-sizes 1,16]
 
 Both generate the same greedy tokens from the same prompts in one process; the figure is
-new tokens per second over the whole batch (prefill included), the median of 3 runs.
+new tokens per second over the whole batch (prefill included). The two alternate, and the ratio
+is the median of the per-repeat ratios, so drift on a shared machine hits both sides.
 """
 
 from __future__ import annotations
@@ -48,13 +49,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch threads (use 1 on a shared machine)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="results/hf-baseline.json")
     args = ap.parse_args(argv)
-    ckpt = load_checkpoint(args.model)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.model, dtype=getattr(torch, args.dtype))
     hf = to_llama(ckpt.model)
     gen = torch.Generator().manual_seed(0)
     rows = []
+    print(f"{args.model} ({args.dtype}, {torch.get_num_threads()} threads); ratio: median over {args.repeats} alternating repeats")
     print(f"{'batch':>5} {'ponder tok/s':>13} {'hf tok/s':>9} {'ratio':>6} {'same tokens':>12}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(1024, batch * args.prompt_len)))
@@ -69,11 +77,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total = batch * args.new_tokens
         row = {"batch": batch, "ponder_tok_s": total / statistics.median(p_times),
                "hf_tok_s": total / statistics.median(h_times), "same_tokens": sorted(p_tokens) == sorted(h_tokens)}
-        row["ratio"] = row["ponder_tok_s"] / row["hf_tok_s"]
+        row["ratio"] = statistics.median(h / p for p, h in zip(p_times, h_times))
         rows.append(row)
         print(f"{batch:>5} {row['ponder_tok_s']:>13.1f} {row['hf_tok_s']:>9.1f} {row['ratio']:>5.2f}x {str(row['same_tokens']):>12}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                                          "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return rows
 

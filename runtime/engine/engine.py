@@ -205,9 +205,12 @@ class LLMEngine:
                     sampled[chunks[i].request_id] = s
                     new_depth[chunks[i].request_id] = outs[i].depths[-1]
             for c, seq, out in zip(chunks, seqs, outs):
-                self._account(c.request_id, out.depths, out.paths)
+                self._account(c.request_id, out.depths)
                 if seq.all_logits:
                     self._score_prompt(c, out)
+            paths = torch.cat([out.paths for out in outs])
+            counts = torch.bincount(paths[paths >= 0].cpu(), minlength=len(self.block_steps)).tolist()
+            self.block_steps = [a + b for a, b in zip(self.block_steps, counts)]
             runner_out = ModelRunnerOutput(sampled={rid: s.token_id for rid, s in sampled.items()})
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
@@ -248,13 +251,11 @@ class LLMEngine:
         return SampleRow(live.sampling, req.prompt_token_ids, req.output_token_ids, live.generator, banned,
                          forced=live.thoughts.forced_token())
 
-    def _account(self, request_id: str, depths: list[int], paths: torch.Tensor) -> None:
+    def _account(self, request_id: str, depths: list[int]) -> None:
         if request_id in self.live:
             self.live[request_id].budget.update(depths)
         self.num_core_steps += sum(depths)
         self.num_core_steps_full += len(depths) * self.ckpt.config.max_depth
-        counts = torch.bincount(paths[paths >= 0].flatten().cpu(), minlength=len(self.block_steps)).tolist()
-        self.block_steps = [a + b for a, b in zip(self.block_steps, counts)]
 
     def _output(self, update, sampled: dict[str, Sampled], new_depth: dict[str, int]) -> RequestOutput:
         rid = update.request_id

@@ -53,12 +53,12 @@ class _Batch:
     positions: Tensor  # (N,)
     index: Tensor  # (N,) flat cache position of each row
     seq: Tensor  # (N,) sequence number of each row
-    ctx_index: Tensor  # (S, L) flat cache positions of each sequence's context, padded with 0
+    tables: Tensor  # (S, W) each sequence's block table, padded with block 0; its context is W * block_size keys
     ctx_len: Tensor  # (S,)
     cos: Tensor  # (N, D)
     sin: Tensor
     one_row_per_seq: bool  # a pure decode step: row i is sequence i
-    decode_mask: Tensor | None  # (S, 1, L) True on each sequence's context, for decode steps
+    decode_mask: Tensor | None  # (S, 1, W * block_size) True on each sequence's context, for decode steps
 
     @property
     def num_rows(self) -> int:
@@ -230,18 +230,17 @@ class Executor:
         starts = torch.tensor([s.start_position for s in seqs], device=dev)
         counts = torch.tensor([len(s.token_ids) for s in seqs], device=dev)
         ctx_len = starts + counts
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device=dev)
-        lmax = max(s.start_position + len(s.token_ids) for s in seqs)
-        key_pos = torch.arange(lmax, device=dev)
-        ctx = tables[:, key_pos // bs] * bs + key_pos % bs  # (S, L); padding is masked by position
+        width = -(-max(s.start_position + len(s.token_ids) for s in seqs) // bs)  # blocks holding the longest context
+        tables = torch.tensor([(s.block_table + [0] * width)[:width] for s in seqs], device=dev)
+        key_pos = torch.arange(width * bs, device=dev)  # keys past a sequence's context are masked by position
         seq_ids = torch.repeat_interleave(torch.arange(len(seqs), device=dev), counts)
         pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
         offsets = torch.tensor([s.position_offset for s in seqs], device=dev)
         cos, sin = rope_tables(pos + offsets[seq_ids], self.cfg.head_dim, self.cfg.rope_theta)  # cache order is causal order; RoPE keeps token positions
         decode = all(len(s.token_ids) == 1 for s in seqs)
         decode_mask = (key_pos[None, :] < ctx_len[:, None])[:, None] if decode else None
-        return _Batch(pos, ctx[seq_ids, pos], seq_ids, ctx, ctx_len, cos, sin, decode, decode_mask)
+        index = tables[seq_ids, pos // bs] * bs + pos % bs
+        return _Batch(pos, index, seq_ids, tables, ctx_len, cos, sin, decode, decode_mask)
 
     def _exit_bars(self, seqs: list[SeqInput]) -> Tensor:
         """(N, max_depth): a row exits before step s when its exit score is below bar[row, s]; +inf from
@@ -282,7 +281,7 @@ class Executor:
         N = batch.num_rows
         if batch.one_row_per_seq:  # decode: every row is its own sequence
             padding = _Padding(None, None, len(rows), 1)
-            ctx, mask = self._take(batch.ctx_index, rows, N), self._take(batch.decode_mask, rows, N)
+            tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
         else:
             seq = batch.seq[rows]
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
@@ -290,9 +289,10 @@ class Executor:
             rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
             padding = _Padding(inverse, rank, len(present), int(counts.max()))
             pos_pad = padding.pad(batch.positions[rows])
-            ctx = batch.ctx_index[present]
-            mask = torch.arange(ctx.shape[1], device=self.device)[None, None, :] <= pos_pad[:, :, None]  # causal (R, M, L)
-        k, v = self.cache.gather(slot, ctx)
+            tables = batch.tables[present]
+            key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
+            mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal (R, M, L)
+        k, v = self.cache.gather(slot, tables)
         cos, sin = self._take(batch.cos, rows, N), self._take(batch.sin, rows, N)
         return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
 

@@ -51,9 +51,11 @@ class PagedKVCache:
             self.k[:, dst_t] = self.k[:, src_t]
             self.v[:, dst_t] = self.v[:, src_t]
 
-    def gather(self, slot: int, index: Tensor) -> tuple[Tensor, Tensor]:
-        """index: (R, L) flat positions -> k, v: (R, Hkv, L, D)."""
-        flat = index.reshape(-1)  # index_select on the flat view is several times faster than index[...]
-        k, v = self.k[slot].index_select(0, flat), self.v[slot].index_select(0, flat)
-        return k.view(*index.shape, *k.shape[1:]).transpose(1, 2), v.view(*index.shape, *v.shape[1:]).transpose(1, 2)
-
+    def gather(self, slot: int, tables: Tensor) -> tuple[Tensor, Tensor]:
+        """tables: (R, W) block ids -> k, v: (R, Hkv, W * block_size, D), the blocks' positions in order.
+        A block's positions are contiguous, so this copies whole blocks (one index per block)."""
+        R, W = tables.shape
+        flat = tables.reshape(-1)
+        k, v = (c[slot].view(self.num_blocks, -1).index_select(0, flat).view(R, W * self.block_size, *c.shape[2:])
+                for c in (self.k, self.v))
+        return k.transpose(1, 2), v.transpose(1, 2)

@@ -53,15 +53,20 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
         if not r.params.greedy:
             noise[i] = torch.empty(logits.shape[-1]).exponential_(generator=r.generator).to(probs.device)
     chosen = torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+    forced = [r.forced for r in rows]
+    if any(f is not None for f in forced):
+        chosen = torch.where(torch.tensor([f is not None for f in forced], device=chosen.device),
+                             torch.tensor([f or 0 for f in forced], device=chosen.device), chosen)
+    tokens = chosen.tolist()
+    token_logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()  # one transfer for the whole batch
 
     out = []
     for i, row in enumerate(rows):
-        token = int(chosen[i]) if row.forced is None else row.forced
         top = []
         if row.params.logprobs:
             values, ids = raw_logprobs[i].topk(row.params.logprobs)
             top = list(zip(ids.tolist(), values.tolist()))
-        out.append(Sampled(token, float(raw_logprobs[i, token]), top))
+        out.append(Sampled(tokens[i], token_logprobs[i], top))
     return out
 
 
