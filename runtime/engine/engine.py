@@ -14,6 +14,7 @@ import torch
 
 from runtime.checkpoint import Checkpoint
 from runtime.engine.budget import BudgetController
+from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, SeqInput
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.params import ComputeParams, ParamError, SamplingParams
@@ -85,11 +86,11 @@ class _Live:
     stop_ids: set[int]
     thoughts: ThoughtState
     discard_thoughts: bool
+    visible: IncrementalDetokenizer  # content tokens (stop ids excluded)
+    thoughts_text: IncrementalDetokenizer
     text: str = ""
     emitted_chars: int = 0
     depths: list[int] = field(default_factory=list)
-    visible_ids: list[int] = field(default_factory=list)
-    thought_ids: list[int] = field(default_factory=list)
     emitted_reasoning_chars: int = 0
     prompt_logprobs: list[Sampled] = field(default_factory=list)
     prompt_depths: list[int] = field(default_factory=list)
@@ -153,6 +154,7 @@ class LLMEngine:
             compute, torch.Generator().manual_seed(seed), stop_ids,
             ThoughtState.for_prompt(request.prompt_token_ids, cfg.think_start_id, cfg.think_end_id, cap),
             discard_thoughts=(compute.thought_kv or cfg.thought_kv[0]) == "discard",
+            visible=IncrementalDetokenizer(self.tokenizer), thoughts_text=IncrementalDetokenizer(self.tokenizer),
         )
 
     def abort(self, request_id: str) -> bool:
@@ -278,8 +280,7 @@ class LLMEngine:
         finish = {RequestStatus.FINISHED_LENGTH: "length", RequestStatus.FINISHED_ABORTED: "abort",
                   RequestStatus.FINISHED_ERROR: "error", RequestStatus.FINISHED_STOPPED: "stop"}.get(update.status)
         token = update.new_token_ids[-1] if update.new_token_ids else None
-        visible = [t for t in live.visible_ids if t not in live.stop_ids]
-        live.text = self.tokenizer.decode(visible)
+        live.text = live.visible.text if finish is None else live.visible.final_text()
         if token is not None and token in live.stop_ids:
             finish = "stop"
         elif live.sampling.stop:
@@ -309,12 +310,13 @@ class LLMEngine:
         kind, span = live.thoughts.observe(token, index)
         out.hidden = [kind is not TokenKind.VISIBLE]
         if kind is TokenKind.VISIBLE:
-            live.visible_ids.append(token)
+            if token not in live.stop_ids:
+                live.visible.append(token)
         elif kind is TokenKind.THOUGHT:
-            live.thought_ids.append(token)
+            live.thoughts_text.append(token)
             out.num_new_thought_tokens = 1
             if live.compute.include_thoughts:
-                reasoning = self.tokenizer.decode(live.thought_ids)
+                reasoning = live.thoughts_text.text
                 out.new_reasoning_text = reasoning[live.emitted_reasoning_chars :]
                 live.emitted_reasoning_chars = len(reasoning)
         if span is not None and live.discard_thoughts and not update.finished:
