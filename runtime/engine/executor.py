@@ -107,19 +107,27 @@ class Executor:
             h = self._layer(("prelude", layer), h, self.cache.prelude_slot(layer), batch)
 
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
+        alive = torch.ones(N, dtype=torch.bool, device=self.device)  # rows still in the core
         active = torch.arange(N, device=self.device)
-        exited = active[:0]  # rows that left the core; their slot-s entries follow kv_fill
         for s in range(D):
-            h_step = None
-            if len(active):
-                h_step, score = self._gate(self._take(h, active, N), s, need_score=s >= first_priced_step)
-                if s >= first_exit_step:
-                    bar_s = self._take(bar[:, s], active, N)
-                    stop = bar_s == math.inf if score is None else score < bar_s
-                    if stop.any():
-                        exited = torch.cat([exited, active[stop]]).sort().values  # rows stay in order
-                        active, h_step = active[~stop], h_step[~stop]
-            h = self._core_step(s, h, h_step, active, exited, path, batch)
+            # Every row's slot-s entry: with propagate (and at slot 0 for every policy) it is the row's
+            # state through the block it takes at step s, so all rows share the projection calls.
+            every = cfg.kv_fill == "propagate" or s == 0
+            if not len(active) and not every:
+                if cfg.kv_fill == "latest":  # every row has exited: each passes its deepest entry down
+                    self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index)
+                continue
+            rows = torch.arange(N, device=self.device) if every else active
+            h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(active) > 0)
+            if len(active) and s >= first_exit_step:
+                bar_s = self._take(bar[:, s], rows, N)
+                stop = (bar_s == math.inf if score is None else score < bar_s) & self._take(alive, rows, N)
+                if stop.any():
+                    alive[rows[stop]] = False
+                    active = alive.nonzero().squeeze(1)
+                    if not every:
+                        rows, h_step = rows[~stop], h_step[~stop]
+            h = self._core_step(s, h, h_step, rows, alive, len(active), path, batch)
 
         depth = (path >= 0).sum(-1)
         h = self._adapt(h, depth)
@@ -127,44 +135,35 @@ class Executor:
             h = self._layer(("coda", layer), h, self.cache.coda_slot(layer), batch)
         return self._outputs(seqs, h, depth, path, all_logits)
 
-    def _core_step(self, s: int, h: Tensor, h_step: Tensor | None, active: Tensor, exited: Tensor, path: Tensor,
+    def _core_step(self, s: int, h: Tensor, h_step: Tensor, rows: Tensor, alive: Tensor, num_active: int, path: Tensor,
                    batch: _Batch) -> Tensor:
-        """Core step s: every row's slot-s entry is written (active rows from their block input, exited
-        rows by kv_fill, in the same projection call where they share a block); then each block group
-        of active rows attends and runs its MLP."""
+        """Core step s for `rows` (step inputs h_step): grouped by the block each takes, each group writes
+        its slot-s entries in one projection call; then the group's rows still in the core attend and run
+        the block's MLP. Exited rows among `rows` only write (their kv_fill entry)."""
         cfg, N = self.cfg, batch.num_rows
         slot = self.cache.core_slot(s)
-        writes: dict[int, list[tuple[Tensor, Tensor]]] = {}  # block -> [(rows, block input)], active rows first
-        groups = self._groups(h_step, active, s) if len(active) else []
-        for b, rows, x in groups:
-            writes.setdefault(b, []).append((rows, x))
-        if len(exited):
-            if cfg.kv_fill == "latest" and s > 0:  # a copy of the deepest computed entry, passed down slot by slot
-                self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[exited])
-            elif cfg.kv_fill == "propagate" or s == 0:  # the exit state through the block of this step
-                fill_step, _ = self._gate(h[exited], s, need_score=False)
-                for b, rows, x in self._groups(fill_step, exited, s):
-                    writes.setdefault(b, []).append((rows, x))
-            # shared, s > 0: the single core slot already holds their step-0 entry
-        queries = {}
-        for b, parts in writes.items():
-            # Active rows and fill rows of the same block share one projection call.
-            rows, x = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-            ordered = len(parts) == 1  # each part's rows are ascending; a concatenation is not
-            cos, sin, index = (self._take(t, rows, N) if ordered else t[rows] for t in (batch.cos, batch.sin, batch.index))
+        if cfg.kv_fill == "latest" and s > 0 and num_active < N:  # exited rows: a copy of their deepest entry
+            self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[~alive])
+        has_exited = len(rows) > num_active  # rows include exited ones, which only write their entry
+        runs = []
+        for b, group, x in self._groups(h_step, rows, s):  # every entry is written before anyone attends
+            cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
             k, v, q = self._project(("pool", b), x, cos, sin)
-            if not (cfg.kv_fill == "shared" and s > 0):
+            if not (cfg.kv_fill == "shared" and s > 0):  # shared: the single core slot keeps the step-0 entry
                 self.cache.write(slot, index, k, v)
-            queries[b] = q
-        for b, rows, x in groups:
-            q = queries[b]
-            out = self._attend(("pool", b), x, None if q is None else q[: len(rows)], rows, slot, batch)
-            if len(rows) == N:
+            if has_exited:
+                keep = alive[group]
+                group, x, q = group[keep], x[keep], None if q is None else q[keep]
+            if len(group):
+                runs.append((b, group, x, q))
+        for b, group, x, q in runs:
+            out = self._attend(("pool", b), x, q, group, slot, batch)
+            if len(group) == N:  # all rows, in order
                 h = out
             else:
-                h[rows] = out
-            path[rows, s] = b
-            self.num_block_calls += len(rows)
+                h[group] = out
+            path[group, s] = b
+            self.num_block_calls += len(group)
             self.num_batched_calls += 1
         return h
 
