@@ -57,12 +57,16 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
-    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Rows x (n, d) of normed input, cos/sin (n, D) -> k, v (n, Hkv, D) and queries q (n, H, D), rotated."""
+    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows x (n, d) of normed input, cos/sin (n, D) -> k, v (n, Hkv, D) and, if asked, queries q (n, H, D);
+        rotated."""
         n, H, Hkv, D = len(x), self.n_heads, self.n_kv_heads, self.head_dim
+        v = self.wv(x).view(n, Hkv, D)
+        if not queries:
+            return apply_rope(self.wk(x).view(n, Hkv, D), cos[:, None], sin[:, None]), v, None
         qk = torch.cat([self.wq(x).view(n, H, D), self.wk(x).view(n, Hkv, D)], dim=1)
         qk = apply_rope(qk, cos[:, None], sin[:, None])  # one rotation for queries and keys
-        return qk[:, H:], self.wv(x).view(n, Hkv, D), qk[:, :H]
+        return qk[:, H:], v, qk[:, :H]
 
     def out(self, attn: Tensor) -> Tensor:
         """The output projection of attention results (..., H * D)."""
@@ -105,10 +109,10 @@ class Block(nn.Module):
         """The K/V entry this block writes for input x (B, T, d)."""
         return self.attn.project_kv(self.attn_norm(x), cos, sin)
 
-    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """For rows x (n, d): the K/V entry this block writes, (n, Hkv, D) each, and the rotated queries
-        (n, H, D), from one attention norm."""
-        return self.attn.project_rows(self.attn_norm(x), cos, sin)
+    def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For rows x (n, d): the K/V entry this block writes, (n, Hkv, D) each, and (if asked) the rotated
+        queries (n, H, D), from one attention norm."""
+        return self.attn.project_rows(self.attn_norm(x), cos, sin, queries)
 
     def attention(self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """The attention half with its residual: x + attn(norm(x)) over the given K/V."""

@@ -147,14 +147,15 @@ class Executor:
         has_exited = len(rows) > num_active  # rows include exited ones, which only write their entry
         runs = []
         for b, group, x in self._groups(h_step, rows, s):  # every entry is written before anyone attends
+            keep = alive[group] if has_exited else None
+            goes_on = keep is None or bool(keep.any())  # a group of exited rows only fills: no queries
             cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
-            k, v, q = self._project(("pool", b), x, cos, sin)
+            k, v, q = self._project(("pool", b), x, cos, sin, queries=goes_on)
             if not (cfg.kv_fill == "shared" and s > 0):  # shared: the single core slot keeps the step-0 entry
                 self.cache.write(slot, index, k, v)
-            if has_exited:
-                keep = alive[group]
-                group, x, q = group[keep], x[keep], None if q is None else q[keep]
-            if len(group):
+            if goes_on:
+                if keep is not None:
+                    group, x, q = group[keep], x[keep], None if q is None else q[keep]
                 runs.append((b, group, x, q))
         for b, group, x, q in runs:
             out = self._attend(("pool", b), x, q, group, slot, batch)
@@ -199,11 +200,12 @@ class Executor:
             return self.model.pool[i], self.model.block_input(x, i)
         return getattr(self.model, kind)[i], x
 
-    def _project(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _project(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor,
+                 queries: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """The slot entries k, v (n, Hkv, D) that rows with input x (n, d) write, and what `_block_padded`
-        may reuse for the same rows (here their rotated queries (n, H, D), from the same norm)."""
+        may reuse for the same rows (here their rotated queries (n, H, D), from the same norm), if asked."""
         block, x = self._block(layer, x)
-        return block.project_rows(x, cos, sin)
+        return block.project_rows(x, cos, sin, queries)
 
     def _block_padded(self, layer: Layer, x: Tensor, q: Tensor | None, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
                       mask: Tensor, padding: _Padding) -> Tensor:

@@ -72,7 +72,8 @@ class OrtExecutor(Executor):
     def _route_logits(self, h_step: Tensor) -> Tensor:
         return self._run("router", h_step=h_step)[0]
 
-    def _project(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _project(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor,
+                 queries: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         k, v = self._run(f"{layer[0]}.{layer[1]}.kv", x=x, cos=cos, sin=sin)
         return k, v, None  # the step graph computes its own queries
 
