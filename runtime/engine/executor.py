@@ -146,7 +146,7 @@ class Executor:
             self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[~alive])
         has_exited = len(rows) > num_active  # rows include exited ones, which only write their entry
         runs = []
-        for b, group, x in self._groups(h_step, rows, s):  # every entry is written before anyone attends
+        for b, group, x in self._groups(h_step, rows, s) if len(rows) else []:  # all write before any attends
             keep = alive[group] if has_exited else None
             goes_on = keep is None or bool(keep.any())  # a group of exited rows only fills: no queries
             cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
