@@ -79,13 +79,14 @@ def summarize(cfg, batch: int, budget: float, runs: list[dict], base_runs: list[
     calls, base_calls = (statistics.fmean(r["calls_per_step"] for r in rs) for rs in (runs, base_runs))
     flops_ideal = token_macs(cfg, base_depth, exit_tests=False) / token_macs(cfg, depth, exit_tests=budget < 1.0)
     weights_ideal = (fixed + base_calls * m["layer"]) / (fixed + calls * m["layer"])
-    speedup = statistics.median(r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base_runs))
+    round_speedups = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base_runs)]
+    speedup = statistics.median(round_speedups)
     return {
         "batch": batch, "budget": budget, "rounds": len(runs),
         "decode_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p99_ms": 1e3 * percentile(itl, 0.99),
         "mean_core_depth": depth, "core_calls_per_step": calls,
-        "speedup": speedup, "ideal_speedup": flops_ideal, "fraction_of_ideal": speedup / flops_ideal,
+        "speedup": speedup, "round_speedups": round_speedups, "ideal_speedup": flops_ideal, "fraction_of_ideal": speedup / flops_ideal,
         "weights_ideal_speedup": weights_ideal, "fraction_of_weights_ideal": speedup / weights_ideal,
     }
 
@@ -120,7 +121,7 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     print(f"model {model} on {dev} ({dtype}, {torch.get_num_threads()} threads); prompts of {prompt_len} tokens from "
           f"{source}, {max_tokens} new tokens each; medians of {rounds} rounds, speedups over budget {budgets[0]}")
     print(f"{'batch':>5} {'budget':>6} {'tok/s':>9} {'ITL p50':>9} {'ITL p99':>9} {'depth':>6} {'calls':>6} "
-          f"{'speedup':>8} {'FLOPs ideal':>12} {'weights ideal':>14}")
+          f"{'speedup':>8} {'(rounds)':>11} {'FLOPs ideal':>12} {'weights ideal':>14}")
     for batch in batches:
         prompts = prompts_all[:batch]
         runs: dict[float, list[dict]] = {b: [] for b in budgets}
@@ -133,7 +134,8 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
             rows.append(row)
             print(f"{batch:>5} {budget:>6.2f} {row['decode_tokens_per_s']:>9.1f} {row['itl_p50_ms']:>7.1f}ms "
                   f"{row['itl_p99_ms']:>7.1f}ms {row['mean_core_depth']:>6.2f} {row['core_calls_per_step']:>6.2f} "
-                  f"{row['speedup']:>7.2f}x {row['ideal_speedup']:>6.2f}x {row['fraction_of_ideal']:>4.0%} "
+                  f"{row['speedup']:>7.2f}x {min(row['round_speedups']):>5.2f}-{max(row['round_speedups']):.2f} "
+                  f"{row['ideal_speedup']:>6.2f}x {row['fraction_of_ideal']:>4.0%} "
                   f"{row['weights_ideal_speedup']:>7.2f}x {row['fraction_of_weights_ideal']:>5.0%}", flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

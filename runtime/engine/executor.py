@@ -2,12 +2,14 @@
 
 The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
   - the prelude runs for all rows;
-  - core step s runs only the rows still active: the exit head decides per row (each row
-    carries its request's price and depth bounds); rows that exit write their deeper KV
-    slots by `kv_fill`; the rest are grouped by chosen block, and each group is one
-    gather -> block call -> scatter. The cost of a step scales with its active rows;
+  - at core step s the exit head decides per row whether it leaves the core (each row carries
+    its request's price and depth bounds, `_exit_bars`). Every row's slot-s entry is written
+    before any row attends: rows are grouped by the block they take and each group is one
+    projection call; with kv_fill='propagate' rows that left the core write their fill entry
+    in the same call, from their exit state. Then each group's rows still in the core attend
+    and run the block's MLP: one gather -> block call -> scatter per group, so the cost of a
+    step scales with its active rows;
   - the coda and head run on each row's exit state.
-Attention reads the paged cache: every row's slot-s entry is written before step s attends.
 """
 
 from __future__ import annotations
