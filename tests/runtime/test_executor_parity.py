@@ -94,3 +94,17 @@ def test_core_step_cost_scales_with_active_rows():
     executor.run([SeqInput(list(range(8)), 0, [0, 1], depths=depths)])
     # Step s runs only the rows deeper than s: no padding to the batch, nothing decided for all rows.
     assert calls == [sum(d > s for d in depths) for s in range(4)]
+    assert executor.num_block_calls == sum(depths)
+    assert executor.num_batched_calls == 4  # one call per step that still has rows
+
+
+def test_a_step_no_row_needs_is_not_run():
+    torch.manual_seed(3)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval()
+    cache = PagedKVCache(model.cfg, num_blocks=16, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    executor = Executor(model, cache)
+    # Four decode rows (one per sequence) whose deepest exit is after step 2: step 3 makes no block call.
+    seqs = [SeqInput([5], 0, [i], depths=[d]) for i, d in enumerate([1, 3, 0, 2])]
+    outs = executor.run(seqs)
+    assert [o.depths for o in outs] == [[1], [3], [0], [2]]
+    assert executor.num_batched_calls == 3 and executor.num_block_calls == 6
