@@ -91,6 +91,33 @@ def summarize(cfg, batch: int, budget: float, runs: list[dict], base_runs: list[
     }
 
 
+@torch.inference_mode()
+def block_call_ms(ckpt, rows: list[int], context: int = 64, repeats: int = 20) -> dict[int, float]:
+    """Milliseconds of one core block call on `rows` decode rows over `context` cached keys: what a
+    step costs at each row count. Each repeat calls every pool block once, so weights stream from
+    memory as they do in decode; the figure is the median repeat over the pool size. A flat curve
+    means rows leaving a call save little (memory- or overhead-bound); a steep one means they pay."""
+    cfg, pool = ckpt.config, ckpt.model.pool
+    p = next(ckpt.model.parameters())
+    out = {}
+    for n in rows:
+        x = torch.randn(n, 1, cfg.d_model, device=p.device, dtype=p.dtype)
+        k, v = (torch.randn(n, cfg.n_kv_heads, context, cfg.head_dim, device=p.device, dtype=p.dtype) for _ in range(2))
+        cos, sin = (t[:, None, None] for t in ckpt.model.rope(torch.full((n,), context - 1, device=p.device)))
+        mask = torch.ones(n, 1, 1, context, dtype=torch.bool, device=p.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for block in pool:
+                block.kv(x, cos, sin)
+                block.forward_with_kv(x, k, v, cos, sin, mask)
+            if p.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / len(pool))
+        out[n] = 1e3 * statistics.median(times)
+    return out
+
+
 def make_prompts(tokenizer, vocab_size: int, count: int, prompt_len: int, prompt_file: str | None,
                  gen: torch.Generator) -> list[list[int]]:
     """`count` prompts of `prompt_len` tokens: consecutive windows of a text file, or random ids."""
@@ -118,6 +145,9 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     prompts_all = make_prompts(ckpt.tokenizer, cfg.vocab_size, max(batches), prompt_len, prompt_file, gen)
     measure(engine, prompts_all[:1], 1.0, 4)  # warm-up
     source = prompt_file or "random token ids"
+    call_ms = block_call_ms(ckpt, sorted({1, *batches}))
+    print("one core block call (K/V projection, attention over 64 keys, MLP) by rows: "
+          + ", ".join(f"{n}: {ms:.3f} ms" for n, ms in call_ms.items()))
     print(f"model {model} on {dev} ({dtype}, {torch.get_num_threads()} threads); prompts of {prompt_len} tokens from "
           f"{source}, {max_tokens} new tokens each; medians of {rounds} rounds, speedups over budget {budgets[0]}")
     print(f"{'batch':>5} {'budget':>6} {'tok/s':>9} {'ITL p50':>9} {'ITL p99':>9} {'depth':>6} {'calls':>6} "
@@ -140,7 +170,8 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"model": model, "device": str(dev), "dtype": dtype, "prompts": source,
-                                         "threads": torch.get_num_threads(), "rounds": rounds, "rows": rows}, indent=2))
+                                         "threads": torch.get_num_threads(), "rounds": rounds,
+                                         "block_call_ms": call_ms, "rows": rows}, indent=2))
         plot(rows, Path(out).with_suffix(".png"), f"{Path(model).name} on {dev} ({dtype})")
         print(f"wrote {out} and {Path(out).with_suffix('.png')}")
     return rows

@@ -7,7 +7,9 @@ def test_bench_prints_a_table_and_writes_json_and_a_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--batch-sizes", "2", "--budgets", "1.0,0.5", "--prompt-len", "16", "--max-tokens", "6",
                  "--rounds", "2", "--prompt-file", "training/data/austen/persuasion.txt", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
+    assert set(saved["block_call_ms"]) == {"1", "2"} and all(ms > 0 for ms in saved["block_call_ms"].values())
     assert [(r["batch"], r["budget"], r["rounds"]) for r in rows] == [(2, 1.0, 2), (2, 0.5, 2)]
     full, half = rows
     assert full["mean_core_depth"] == 6.0 and half["mean_core_depth"] < 6.0
