@@ -47,10 +47,10 @@ def measure(engine: LLMEngine, prompts: list[list[int]], budget: float, max_toke
     last_token_time: dict[str, float] = {}
     itl: list[float] = []
     depths: list[int] = []
-    decode_tokens, decode_time, decode_steps, decode_calls = 0, 0.0, 0, 0
+    decode_tokens, decode_time, decode_steps, decode_calls, decode_fills = 0, 0.0, 0, 0, 0
     while engine.has_unfinished():
         all_decode = all(r.num_computed_tokens >= r.num_tokens - 1 for r in engine.scheduler.running) and not engine.scheduler.waiting
-        calls = engine.executor.num_batched_calls
+        calls, fills = engine.executor.num_batched_calls, engine.executor.num_fill_calls
         start = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
@@ -59,6 +59,7 @@ def measure(engine: LLMEngine, prompts: list[list[int]], budget: float, max_toke
             decode_time += now - start
             decode_steps += 1
             decode_calls += engine.executor.num_batched_calls - calls
+            decode_fills += engine.executor.num_fill_calls - fills
         for o in outs:
             if o.new_token_ids:
                 if o.request_id in last_token_time:
@@ -66,19 +67,24 @@ def measure(engine: LLMEngine, prompts: list[list[int]], budget: float, max_toke
                 last_token_time[o.request_id] = now
                 depths += o.exit_depths
     return {"tokens_per_s": decode_tokens / max(decode_time, 1e-9), "itl": itl, "depths": depths,
-            "calls_per_step": decode_calls / max(decode_steps, 1)}
+            "calls_per_step": decode_calls / max(decode_steps, 1), "fills_per_step": decode_fills / max(decode_steps, 1)}
 
 
-def summarize(cfg, batch: int, budget: float, runs: list[dict], base_runs: list[dict]) -> dict:
+def summarize(cfg, batch: int, budget: float, runs: list[dict], base_budget: float, base_runs: list[dict]) -> dict:
     """One table row from a budget's runs and the base budget's runs of the same rounds."""
     depth = statistics.fmean(d for r in runs for d in r["depths"])
     base_depth = statistics.fmean(d for r in base_runs for d in r["depths"])
     itl = [t for r in runs for t in r["itl"]]
     m = piece_macs(cfg)
     fixed = (cfg.n_prelude + cfg.n_coda) * m["layer"] + m["head"]  # weights every iteration reads
-    calls, base_calls = (statistics.fmean(r["calls_per_step"] for r in rs) for rs in (runs, base_runs))
-    flops_ideal = token_macs(cfg, base_depth, exit_tests=False) / token_macs(cfg, depth, exit_tests=budget < 1.0)
-    weights_ideal = (fixed + base_calls * m["layer"]) / (fixed + calls * m["layer"])
+    def weights_read(rs: list[dict]) -> float:  # block calls read a layer; fill-only calls read its K/V projection
+        return (fixed + statistics.fmean(r["calls_per_step"] for r in rs) * m["layer"]
+                + statistics.fmean(r["fills_per_step"] for r in rs) * m["kv_proj"])
+
+    calls = statistics.fmean(r["calls_per_step"] for r in runs)
+    flops_ideal = (token_macs(cfg, base_depth, exit_tests=base_budget < 1.0)
+                   / token_macs(cfg, depth, exit_tests=budget < 1.0))
+    weights_ideal = weights_read(base_runs) / weights_read(runs)
     round_speedups = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base_runs)]
     speedup = statistics.median(round_speedups)
     return {
@@ -93,7 +99,8 @@ def summarize(cfg, batch: int, budget: float, runs: list[dict], base_runs: list[
 
 @torch.inference_mode()
 def block_call_ms(ckpt, rows: list[int], context: int = 64, repeats: int = 20) -> dict[int, float]:
-    """Milliseconds of one core block call on `rows` decode rows over `context` cached keys: what a
+    """Milliseconds of one core block call on `rows` decode rows over `context` given keys, through the
+    block's reference path (K/V projection, then attention and MLP; no paged gather): roughly what a
     step costs at each row count. Each repeat calls every pool block once, so weights stream from
     memory as they do in decode; the figure is the median repeat over the pool size. A flat curve
     means rows leaving a call save little (memory- or overhead-bound); a steep one means they pay."""
@@ -146,7 +153,7 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     measure(engine, prompts_all[:1], 1.0, 4)  # warm-up
     source = prompt_file or "random token ids"
     call_ms = block_call_ms(ckpt, sorted({1, *batches}))
-    print("one core block call (K/V projection, attention over 64 keys, MLP) by rows: "
+    print("one core block call (reference path: K/V projection, attention over 64 keys, MLP) by rows: "
           + ", ".join(f"{n}: {ms:.3f} ms" for n, ms in call_ms.items()))
     print(f"model {model} on {dev} ({dtype}, {torch.get_num_threads()} threads); prompts of {prompt_len} tokens from "
           f"{source}, {max_tokens} new tokens each; medians of {rounds} rounds, speedups over budget {budgets[0]}")
@@ -160,7 +167,7 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
                 runs[budget].append(measure(engine, prompts, budget, max_tokens))
             print(f"  batch {batch}: round {r + 1}/{rounds} done", flush=True)
         for budget in budgets:
-            row = summarize(cfg, batch, budget, runs[budget], runs[budgets[0]])
+            row = summarize(cfg, batch, budget, runs[budget], budgets[0], runs[budgets[0]])
             rows.append(row)
             print(f"{batch:>5} {budget:>6.2f} {row['decode_tokens_per_s']:>9.1f} {row['itl_p50_ms']:>7.1f}ms "
                   f"{row['itl_p99_ms']:>7.1f}ms {row['mean_core_depth']:>6.2f} {row['core_calls_per_step']:>6.2f} "

@@ -247,7 +247,7 @@ class PonderModel(nn.Module):
             return s >= exit.depths
         if exit.price is None or s < min_depth:
             return torch.zeros_like(score, dtype=torch.bool)
-        return score < exit.price
+        return score.float() < exit.price  # in fp32 whatever the model dtype, as the engine compares
 
     def _route(
         self, h_step: Tensor, mode: str, tau: float, scale: float, generator: torch.Generator | None,

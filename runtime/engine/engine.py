@@ -280,10 +280,10 @@ class LLMEngine:
         finish = {RequestStatus.FINISHED_LENGTH: "length", RequestStatus.FINISHED_ABORTED: "abort",
                   RequestStatus.FINISHED_ERROR: "error", RequestStatus.FINISHED_STOPPED: "stop"}.get(update.status)
         token = update.new_token_ids[-1] if update.new_token_ids else None
+        stop_id = token is not None and token in live.stop_ids
+        finish = "stop" if stop_id else finish
         live.text = live.visible.text if finish is None else live.visible.final_text()
-        if token is not None and token in live.stop_ids:
-            finish = "stop"
-        elif live.sampling.stop:
+        if not stop_id and live.sampling.stop:
             hit = [live.text.find(s, max(0, live.emitted_chars - len(s))) for s in live.sampling.stop]
             hit = [h for h in hit if h >= 0]
             if hit:
@@ -312,11 +312,13 @@ class LLMEngine:
         if kind is TokenKind.VISIBLE:
             if token not in live.stop_ids:
                 live.visible.append(token)
-        elif kind is TokenKind.THOUGHT:
-            live.thoughts_text.append(token)
-            out.num_new_thought_tokens = 1
-            if live.compute.include_thoughts:
-                reasoning = live.thoughts_text.text
+        else:
+            if kind is TokenKind.THOUGHT:
+                live.thoughts_text.append(token)
+                out.num_new_thought_tokens = 1
+            if live.compute.include_thoughts:  # at a marker or the end, a held-back tail is flushed too
+                ended = kind is TokenKind.MARKER or update.finished
+                reasoning = live.thoughts_text.final_text() if ended else live.thoughts_text.text
                 out.new_reasoning_text = reasoning[live.emitted_reasoning_chars :]
                 live.emitted_reasoning_chars = len(reasoning)
         if span is not None and live.discard_thoughts and not update.finished:

@@ -68,7 +68,7 @@ class _Batch:
 
 
 @dataclass
-class _Padding:
+class Padding:
     """Rows of several sequences laid out per sequence as (R, M, ...): row i at [inverse[i], rank[i]].
     In a decode step every row is its own sequence, so padding is a reshape."""
 
@@ -94,6 +94,7 @@ class Executor:
         self.device = next(model.parameters()).device
         self.num_block_calls = 0  # core block applications (row-level), for accounting
         self.num_batched_calls = 0  # core block calls (one per block group and step), for accounting
+        self.num_fill_calls = 0  # K/V projection calls of groups whose rows all left the core
 
     @torch.inference_mode()
     def run(self, seqs: list[SeqInput], all_logits: bool = False) -> list[SeqOutput]:
@@ -123,7 +124,10 @@ class Executor:
             h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(active) > 0)
             if len(active) and s >= first_exit_step:
                 bar_s = self._take(bar[:, s], rows, N)
-                stop = (bar_s == math.inf if score is None else score < bar_s) & self._take(alive, rows, N)
+                stop = bar_s == math.inf  # the row's cap, whatever its score
+                if score is not None:
+                    stop |= score.float() < bar_s
+                stop &= self._take(alive, rows, N)
                 if stop.any():
                     alive[rows[stop]] = False
                     active = alive.nonzero().squeeze(1)
@@ -155,7 +159,9 @@ class Executor:
             k, v, q = self._project(("pool", b), x, cos, sin, queries=goes_on)
             if not (cfg.kv_fill == "shared" and s > 0):  # shared: the single core slot keeps the step-0 entry
                 self.cache.write(slot, index, k, v)
-            if goes_on:
+            if not goes_on:
+                self.num_fill_calls += 1
+            else:
                 if keep is not None:
                     group, x, q = group[keep], x[keep], None if q is None else q[keep]
                 runs.append((b, group, x, q))
@@ -210,7 +216,7 @@ class Executor:
         return block.project_rows(x, cos, sin, queries)
 
     def _block_padded(self, layer: Layer, x: Tensor, q: Tensor | None, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                      mask: Tensor, padding: _Padding) -> Tensor:
+                      mask: Tensor, padding: Padding) -> Tensor:
         """The layer on rows x (n, d) with queries q from `_project`, attending per sequence (padded
         by `padding`) to k, v (R, Hkv, L, D) under mask (R, M, L). Returns (n, d)."""
         block, x = self._block(layer, x)
@@ -283,14 +289,14 @@ class Executor:
         attention call: rows are laid out per sequence as (R, M, d)."""
         N = batch.num_rows
         if batch.one_row_per_seq:  # decode: every row is its own sequence
-            padding = _Padding(None, None, len(rows), 1)
+            padding = Padding(None, None, len(rows), 1)
             tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
         else:
             seq = batch.seq[rows]
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(len(rows), device=self.device) - starts[inverse]  # rows of a sequence are contiguous
-            padding = _Padding(inverse, rank, len(present), int(counts.max()))
+            padding = Padding(inverse, rank, len(present), int(counts.max()))
             pos_pad = padding.pad(batch.positions[rows])
             tables = batch.tables[present]
             key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)

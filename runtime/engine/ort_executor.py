@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from runtime.config import ModelConfig
-from runtime.engine.executor import Executor, Layer, _Padding
+from runtime.engine.executor import Executor, Layer, Padding
 from runtime.engine.kv_cache import PagedKVCache
 
 # Config fields the graphs are built from; the serving config must agree on them.
@@ -45,7 +45,7 @@ class OrtExecutor(Executor):
             raise ValueError(f"the onnx backend runs on the CPU in float32; got a {cache.k.dtype} cache on "
                              f"{cache.k.device}: use device='cpu', dtype='float32'")
         self.model, self.cache, self.cfg, self.device = None, cache, cfg, torch.device("cpu")
-        self.num_block_calls = self.num_batched_calls = 0
+        self.num_block_calls = self.num_batched_calls = self.num_fill_calls = 0
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or torch.get_num_threads()
@@ -78,7 +78,7 @@ class OrtExecutor(Executor):
         return k, v, None  # the step graph computes its own queries
 
     def _block_padded(self, layer: Layer, x: Tensor, q: Tensor | None, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                      mask: Tensor, padding: _Padding) -> Tensor:
+                      mask: Tensor, padding: Padding) -> Tensor:
         out = self._run(f"{layer[0]}.{layer[1]}.step", x=padding.pad(x), cos=padding.pad(cos), sin=padding.pad(sin),
                         k=k, v=v, mask=mask)[0]
         return padding.unpad(out)

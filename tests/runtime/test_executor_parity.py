@@ -98,7 +98,7 @@ def test_core_step_cost_scales_with_active_rows():
     assert executor.num_batched_calls == 4  # one call per step that still has rows
 
 
-def test_a_step_no_row_needs_is_not_run():
+def test_a_step_no_row_needs_makes_no_block_call():
     torch.manual_seed(3)
     model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval()
     cache = PagedKVCache(model.cfg, num_blocks=16, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
