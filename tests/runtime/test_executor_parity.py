@@ -108,3 +108,19 @@ def test_a_step_no_row_needs_makes_no_block_call():
     outs = executor.run(seqs)
     assert [o.depths for o in outs] == [[1], [3], [0], [2]]
     assert executor.num_batched_calls == 3 and executor.num_block_calls == 6
+
+
+def test_bf16_exits_match_the_reference_at_prices_equal_to_scores():
+    """Prices just above the model's own bf16 scores round to those scores in bf16: tokens sit exactly
+    on the exit boundary, so the engine and the reference must compare the same way (in fp32)."""
+    torch.manual_seed(4)
+    rng = random.Random(4)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval().to(torch.bfloat16)
+    prompts = [[rng.randrange(64) for _ in range(n)] for n in (9, 12)]
+    with torch.no_grad():
+        scores = model(torch.tensor([prompts[0]])).exit_scores.float()
+    prices = [float(scores.flatten()[i]) + 1e-4 for i in (3, 17)]  # under half a bf16 ulp above a score
+    results, _ = run_chunked(model, prompts, lambda i, start, n: dict(price=prices[i]), rng)
+    with torch.no_grad():
+        for p, price, (_, depths) in zip(prompts, prices, results):
+            assert depths == model(torch.tensor([p]), ExitSpec(price=price)).depth[0].tolist()
