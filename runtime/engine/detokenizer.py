@@ -16,18 +16,18 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.text = ""  # decoded and complete so far
         self._prefix = self._read = 0
+        self._done = 0  # len(decode(ids[prefix:read])): the window's text already emitted
 
     def append(self, token_id: int) -> None:
         self.ids.append(token_id)
         window = self.tokenizer.decode(self.ids[self._prefix :])
-        done = len(self.tokenizer.decode(self.ids[self._prefix : self._read]))
-        if len(window) > done and not window.endswith("\ufffd"):
-            self.text += window[done:]
+        if len(window) > self._done and not window.endswith("\ufffd"):
+            self.text += window[self._done :]
             self._prefix, self._read = self._read, len(self.ids)
+            self._done = len(self.tokenizer.decode(self.ids[self._prefix : self._read]))
 
     def final_text(self) -> str:
         """The text including any held-back tail, as a full decode of the last chunk gives it."""
         if self._read == len(self.ids):
             return self.text
-        window = self.tokenizer.decode(self.ids[self._prefix :])
-        return self.text + window[len(self.tokenizer.decode(self.ids[self._prefix : self._read])) :]
+        return self.text + self.tokenizer.decode(self.ids[self._prefix :])[self._done :]

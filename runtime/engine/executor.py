@@ -111,7 +111,7 @@ class Executor:
 
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
         alive = torch.ones(N, dtype=torch.bool, device=self.device)  # rows still in the core
-        active = torch.arange(N, device=self.device)
+        all_rows = active = torch.arange(N, device=self.device)
         for s in range(D):
             # Every row's slot-s entry: with propagate (and at slot 0 for every policy) it is the row's
             # state through the block it takes at step s, so all rows share the projection calls.
@@ -120,7 +120,7 @@ class Executor:
                 if cfg.kv_fill == "latest":  # every row has exited: each passes its deepest entry down
                     self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index)
                 continue
-            rows = torch.arange(N, device=self.device) if every else active
+            rows = all_rows if every else active
             h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(active) > 0)
             if len(active) and s >= first_exit_step:
                 bar_s = self._take(bar[:, s], rows, N)
