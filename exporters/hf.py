@@ -50,7 +50,7 @@ def hf_config(ckpt: Checkpoint, exit_price: float | None = None, compute_budget:
         "model_type": "ponder",
         "auto_map": {"AutoConfig": "modeling_ponder.PonderConfig",
                      "AutoModelForCausalLM": "modeling_ponder.PonderForCausalLM"},
-        **{name: getattr(cfg, name) for name in SUPPORTED_FIELDS},
+        **{name: value for name, value in cfg.to_dict().items() if name in SUPPORTED_FIELDS},
         "exit_price": exit_price,
         "compute_budget": compute_budget,
         "calibration": {"prices": ckpt.calibration.prices, "depth_fractions": ckpt.calibration.depth_fractions},

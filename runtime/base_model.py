@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runtime.kv_fill import KVFill
+
 CACHE = Path(os.environ.get("PONDER_CACHE", Path.home() / ".cache" / "ponder"))
 
 
@@ -29,7 +31,7 @@ def base_checkpoint(source: str, cache: Path | None = None) -> Path:
 
 
 def import_checkpoint(source: str, out: Path, min_depth: int = 0, exit_adapter_rank: int = 0,
-                      max_seq_len: int = 2048, kv_fill: str = "propagate") -> Path:
+                      max_seq_len: int = 2048, kv_fill: KVFill | str = KVFill.PROPAGATE) -> Path:
     """Import `source` as a Ponder checkpoint at `out` (written atomically: a temp dir, then a rename)."""
     from runtime.checkpoint import save_checkpoint
     from runtime.llama_import import fast_tokenizer, import_llama, load_hf, ponder_config

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.kv_fill import KVFill
+
 # Bump when config.json or the weight layout changes in a way older code cannot read.
 FORMAT_VERSION = 1
 
 SCHEDULES = ("fixed", "recurrent", "routed")
-KV_FILLS = ("propagate", "latest", "shared")
 THOUGHT_KV_MODES = ("keep", "discard")
 
 
@@ -39,7 +40,7 @@ class ModelConfig:
     max_depth: int = 4  # core steps a token may take
     min_depth: int = 0  # steps every token takes before it may exit (0: embed-then-decode allowed)
     schedule: str = "fixed"  # fixed | recurrent | routed
-    kv_fill: str = "propagate"  # where an exited token's deeper KV slots come from
+    kv_fill: KVFill = KVFill.PROPAGATE  # where an exited token's deeper KV slots come from (a str in JSON)
     step_embedding: bool = True  # add P(s) before each core step (and to router/exit inputs)
     block_embedding: bool = True  # add B(b) before block b
     exit_hidden: int = 64  # hidden width of the exit/value head MLP
@@ -77,8 +78,10 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
-        if self.kv_fill not in KV_FILLS:
-            raise ConfigError(f"kv_fill={self.kv_fill!r} must be one of {KV_FILLS}")
+        try:
+            self.kv_fill = KVFill(self.kv_fill)
+        except ValueError:
+            raise ConfigError(f"kv_fill={self.kv_fill!r} must be one of {tuple(f.value for f in KVFill)}") from None
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -129,10 +132,10 @@ class ModelConfig:
     @property
     def n_core_slots(self) -> int:
         """KV slots the core needs per token: one per step, or one for all with `shared`."""
-        return 1 if self.kv_fill == "shared" else self.max_depth
+        return self.kv_fill.num_slots(self.max_depth)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "kv_fill": self.kv_fill.value}  # plain JSON types
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -30,5 +30,5 @@ def token_macs(cfg: ModelConfig, depth: float, exit_tests: bool = True) -> float
     if exit_tests:
         cost += max(depth - cfg.min_depth + 1, 0) * m["exit_head"]
     if depth < D:
-        cost += m["adapter"] + (D - depth) * (0 if cfg.kv_fill != "propagate" else m["kv_proj"])
+        cost += m["adapter"] + (D - depth) * (m["kv_proj"] if cfg.kv_fill.fills_by_projection else 0)
     return cost

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from runtime.config import ModelConfig
+from runtime.kv_fill import KVFill
 from runtime.model import PonderModel
 
 SMOLLM2 = "smollm2-135m"
@@ -61,7 +62,7 @@ def load_hf(source: str, dtype: torch.dtype = torch.float32):
 
 
 def ponder_config(hf_config, min_depth: int = 0, exit_adapter_rank: int = 0, max_seq_len: int = 2048,
-                  kv_fill: str = "propagate") -> ModelConfig:
+                  kv_fill: KVFill | str = KVFill.PROPAGATE) -> ModelConfig:
     c = hf_config
     if c.model_type != "llama" or getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         raise ValueError(f"only bias-free Llama-family models import; this is model_type={c.model_type!r}")

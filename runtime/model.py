@@ -305,15 +305,15 @@ class PonderModel(nn.Module):
 
         # The slot-s entry of every token: its own block's projection. For an exited token that is
         # the `propagate` entry (its exit state through the block it would use at this step).
-        if cfg.kv_fill == "shared" and s > 0:
+        if not cfg.kv_fill.writes_slot(s):
             k, v = fill["slot0"]
         else:
             kvs = {b: self.pool[b].kv(x, cos, sin) for b, x in inputs.items()}
             k = mix({b: kv[0] for b, kv in kvs.items()}, kv_layout=True)
             v = mix({b: kv[1] for b, kv in kvs.items()}, kv_layout=True)
-            if cfg.kv_fill == "shared":
+            if cfg.kv_fill.reads_slot0:
                 fill["slot0"] = (k, v)
-            elif cfg.kv_fill == "latest":
+            elif cfg.kv_fill.copies_deepest:
                 if "latest" in fill:  # exited tokens copy their deepest computed entry
                     keep = active[:, None, :, None]
                     k = torch.where(keep, k, fill["latest"][0])

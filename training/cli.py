@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from runtime.kv_fill import KVFill
 from training.adapt_exits import AdaptConfig
 
 TRAIN_DEFAULTS = {
@@ -52,7 +53,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--min-depth", type=int, default=0, help="layers every token runs before it may exit")
     i.add_argument("--exit-adapter-rank", type=int, default=0, help="rank of per-depth exit adapters (0: none)")
     i.add_argument("--max-seq-len", type=int, default=2048, help="context length to serve (capped by the source)")
-    i.add_argument("--kv-fill", default="propagate", help="propagate | latest | shared")
+    i.add_argument("--kv-fill", default=KVFill.PROPAGATE.value, choices=[f.value for f in KVFill],
+                   help="where an exited token's deeper KV slots come from")
     i.set_defaults(func=run_import)
 
     a = sub.add_parser("adapt-exits", help="train exit adapters and the exit head of an imported model (frozen backbone)")

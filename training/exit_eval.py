@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from runtime.checkpoint import load_checkpoint
 from runtime.flops import piece_macs, token_macs
+from runtime.kv_fill import KVFill
 from runtime.model import ExitSpec, PonderModel
 from training.text_windows import windows
 
@@ -163,13 +164,14 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
     kv_fill = {}
     if kv_fill_budget < 1.0:
         price = cal.price_for_budget(kv_fill_budget)
-        for fill in ("propagate", "latest", "shared"):
+        served = model.cfg.kv_fill
+        for fill in KVFill:
             model.cfg.kv_fill = fill
             logits, depth = forward_logits(model, ids, ExitSpec(price=price), batch)
-            kv_fill[fill] = metrics(logits, targets, full_top1, depth, cfg, "exit-head")
-            print(f"kv_fill {fill:>9} at budget {kv_fill_budget}: ppl {kv_fill[fill]['ppl']:.2f}, "
-                  f"layers {kv_fill[fill]['mean_layers']:.2f}", flush=True)
-        model.cfg.kv_fill = cfg.kv_fill = json.loads((path / "config.json").read_text())["kv_fill"]
+            kv_fill[fill.value] = metrics(logits, targets, full_top1, depth, cfg, "exit-head")
+            print(f"kv_fill {fill.value:>9} at budget {kv_fill_budget}: ppl {kv_fill[fill.value]['ppl']:.2f}, "
+                  f"layers {kv_fill[fill.value]['mean_layers']:.2f}", flush=True)
+        model.cfg.kv_fill = cfg.kv_fill = served
     return {"checkpoint": str(path), "eval_text": f"Persuasion, {ids.numel()} scored tokens in {n_windows} windows of {window}",
             "max_depth": cfg.max_depth, "min_depth": cfg.min_depth, "rows": rows,
             "kv_fill_at_budget": {"budget": kv_fill_budget, **kv_fill}, "seconds": time.perf_counter() - start}

@@ -45,7 +45,7 @@ class PonderConfig(PretrainedConfig):
         max_depth: int = 4,
         min_depth: int = 0,
         schedule: str = "fixed",
-        kv_fill: str = "propagate",
+        kv_fill: str = "propagate",  # propagate | latest | shared: the values of Ponder's runtime KVFill
         step_embedding: bool = True,
         block_embedding: bool = True,
         exit_hidden: int = 64,

@@ -119,15 +119,15 @@ class PonderForCausalLM(nn.Module):
                 x = m.block_input(h_step[rows], b)
                 inputs[b] = (rows, x)
                 q[rows], k[rows], v[rows] = self._qkv(m.pool[b], x, cos[rows], sin[rows])
-            if cfg.kv_fill == "shared":  # every slot reads slot 0: rewrite its entries, attend with new queries
+            if cfg.kv_fill.reads_slot0:  # every slot reads slot 0: rewrite its entries, attend with new queries
                 if shared_kv is None:
                     shared_kv = (k, v)
                 k, v = shared_kv
-            elif cfg.kv_fill == "latest":  # exited rows copy their deepest computed entry
+            elif cfg.kv_fill.copies_deepest:  # exited rows copy their deepest computed entry
                 if latest_k is not None:
                     k, v = torch.where(active[:, None], k, latest_k), torch.where(active[:, None], v, latest_v)
                 latest_k, latest_v = k, v
-            out = self.slots[cfg.n_prelude + (0 if cfg.kv_fill == "shared" else s)](q, k, v)
+            out = self.slots[cfg.n_prelude + cfg.kv_fill.slot(s)](q, k, v)
             h_new = h.clone()
             for b, (rows, x) in inputs.items():
                 keep = active[rows]

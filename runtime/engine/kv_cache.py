@@ -30,7 +30,7 @@ class PagedKVCache:
         return layer
 
     def core_slot(self, step: int) -> int:
-        return self.cfg.n_prelude + (0 if self.cfg.kv_fill == "shared" else step)
+        return self.cfg.n_prelude + self.cfg.kv_fill.slot(step)
 
     def coda_slot(self, layer: int) -> int:
         return self.cfg.n_prelude + self.cfg.n_core_slots + layer

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from runtime.config import FORMAT_VERSION, PRESETS, ConfigError, ModelConfig
+from runtime.kv_fill import KVFill
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -54,3 +55,33 @@ def test_unknown_fields_and_presets_are_refused():
         ModelConfig.from_dict(data)
     with pytest.raises(ConfigError, match="unknown preset"):
         ModelConfig.from_name("enormous")
+
+
+@pytest.mark.parametrize("fill", list(KVFill))
+def test_kv_fill_is_an_enum_and_config_json_keeps_the_plain_string(tmp_path, fill):
+    cfg = ModelConfig.from_name("tiny", kv_fill=fill.value)
+    assert cfg.kv_fill is fill
+    cfg.save(tmp_path / "config.json")
+    text = (tmp_path / "config.json").read_text()
+    assert f'"kv_fill": "{fill.value}"' in text  # what older Ponder wrote and reads
+    assert type(cfg.to_dict()["kv_fill"]) is str
+    again = ModelConfig.from_json(text)
+    assert again.kv_fill is fill and again == cfg
+
+
+def test_a_bad_kv_fill_names_the_allowed_values():
+    data = ModelConfig.from_name("tiny").to_dict()
+    data["kv_fill"] = "sometimes"
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(data)
+    message = str(err.value)
+    assert "kv_fill='sometimes'" in message
+    assert all(repr(f.value) in message for f in KVFill)
+
+
+def test_kv_fill_slots():
+    assert [KVFill.SHARED.slot(s) for s in range(3)] == [0, 0, 0] and KVFill.SHARED.num_slots(3) == 1
+    assert [KVFill.SHARED.writes_slot(s) for s in range(3)] == [True, False, False]
+    for fill in (KVFill.PROPAGATE, KVFill.LATEST):
+        assert [fill.slot(s) for s in range(3)] == [0, 1, 2] and fill.num_slots(3) == 3
+        assert all(fill.writes_slot(s) for s in range(3))
