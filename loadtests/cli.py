@@ -35,8 +35,13 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Registers `loadtest` on a parent command's subparsers (the `ponder` command's)."""
     s = sub.add_parser("loadtest", help="load-test an OpenAI-compatible server: budgets x loads, or a soak",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(s)
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
     t = s.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (loopback unless --allow-remote)")
     t.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --base-url you own")
@@ -235,7 +240,19 @@ def _mb(x, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-if __name__ == "__main__":
-    from ponder.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtests.cli ...`: the load generator without the rest of Ponder installed."""
+    parser = argparse.ArgumentParser(prog="python -m loadtests.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_loadtest(args)
+    except (ValueError, OSError) as e:  # bad arguments, missing files: the same exit code as `ponder loadtest`
+        print(f"loadtest: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
-    sys.exit(main(["loadtest", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ from ponder import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks import cli as benchmarks_cli
     from exporters import cli as exporters_cli
     from loadtests import cli as loadtest_cli
     from runtime import cli as runtime_cli
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_parsers(sub)
     training_cli.add_parsers(sub)
     exporters_cli.add_parsers(sub)
+    benchmarks_cli.add_parsers(sub)
     loadtest_cli.add_parsers(sub)
     return parser
 

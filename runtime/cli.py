@@ -1,11 +1,10 @@
-"""`ponder generate` and `ponder bench`."""
+"""`ponder generate`."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from runtime import bench
 from runtime.checkpoint import DEFAULT_MODEL
 
 
@@ -27,7 +26,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     g.set_defaults(func=run_generate)
-    bench.add_parser(sub)
 
 
 def run_generate(args: argparse.Namespace) -> None:

@@ -35,3 +35,10 @@ def test_no_server_is_a_clear_error_not_a_traceback(capsys, tmp_path):
         main(["loadtest", "--base-url", f"http://127.0.0.1:{port}", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "no OpenAI-compatible server answers" in capsys.readouterr().err
+
+
+def test_the_load_generator_runs_without_the_ponder_command(capsys, tmp_path):
+    from loadtests.cli import main as loadtest_main  # `python -m loadtests.cli`: loadtests imports nothing of ours
+
+    assert loadtest_main(["--budgets", "1.5", "--out", str(tmp_path)]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err

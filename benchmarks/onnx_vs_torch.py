@@ -1,40 +1,27 @@
 """The engine on onnxruntime against the engine on torch: same weights, same scheduler, one run.
 
-    python -m exporters.onnx_bench [--model DIR] [--onnx-dir DIR] [--batch-sizes 1,8] [--budgets 1.0,0.5]
+    python -m benchmarks.onnx_vs_torch [--model DIR] [--onnx-dir DIR] [--batch-sizes 1,8] [--budgets 1.0,0.5]
 
-Both engines decode the same greedy requests; cells alternate between backends so drift on a
-noisy machine hits both. It prints decode tokens/s of each, their ratio, whether the tokens
-are identical, and the largest logit difference of the two executors over a prompt at full
-depth and at the budget-0.5 price. JSON goes to results/onnx-bench.json.
+Both engines decode the same greedy requests; each cell runs --repeats rounds of both backends in
+rotated order so drift on a noisy machine hits both. It prints decode tokens/s of each, their ratio
+(the median of per-round ratios), whether the tokens are identical, and the largest logit difference
+of the two executors over a prompt at full depth and at the budget-0.5 price. JSON goes to
+results/onnx-bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-from pathlib import Path
 
-import torch
-
+from benchmarks.harness import (HELDOUT_TEXT, csv_of, make_prompts, median_ratio, percentile, run_engine, run_rounds,
+                                set_threads, write_results)
 from exporters.onnx_export import export_onnx
-from runtime.bench import make_prompts, measure, percentile
 from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.executor import SeqInput
-from runtime.engine.params import ComputeParams, SamplingParams
-
-
-def greedy_tokens(engine: LLMEngine, prompts: list[list[int]], budget: float, max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"check-{i}", p, params, ComputeParams(compute_budget=budget))
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return [out[f"check-{i}"] for i in range(len(prompts))]
+from runtime.engine.params import ComputeParams
 
 
 def max_logit_diff(engines: dict[str, LLMEngine], prompt: list[int], price: float | None) -> float:
@@ -50,57 +37,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--onnx-dir", help="graphs from `ponder export --format onnx` (default: export to a temp dir)")
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--budgets", default="1.0,0.5")
+    ap.add_argument("--batch-sizes", type=csv_of(int), default="1,8")
+    ap.add_argument("--budgets", type=csv_of(float), default="1.0,0.5")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt-file", default="training/data/austen/persuasion.txt")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per cell, each running both backends")
+    ap.add_argument("--prompt-file", default=HELDOUT_TEXT)
     ap.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: torch's)")
     ap.add_argument("--out", default="results/onnx-bench.json")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    budgets = [float(b) for b in args.budgets.split(",")]
+    threads = set_threads(args.threads)
+    batches, budgets = args.batch_sizes, args.budgets
     ckpt = load_checkpoint(args.model)
     onnx_dir = args.onnx_dir or export_onnx(ckpt, tempfile.mkdtemp(prefix="ponder-onnx-"))
     config = dict(max_num_seqs=max(batches), max_num_batched_tokens=max(1024, max(batches) * args.prompt_len))
     engines = {"torch": LLMEngine(ckpt, EngineConfig(**config)),
                "onnx": LLMEngine(ckpt, EngineConfig(**config, backend="onnx", onnx_dir=str(onnx_dir)))}
-    prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, max(batches), args.prompt_len, args.prompt_file,
-                           torch.Generator().manual_seed(0))
+    prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, max(batches), args.prompt_len, args.prompt_file)
     half_price = ckpt.calibration.price_for_budget(0.5)
     diffs = {"full_depth": max_logit_diff(engines, prompts[0], None),
              "budget_0.5_price": max_logit_diff(engines, prompts[0], half_price)}
     print(f"max |onnx - torch| logits over a {args.prompt_len}-token prompt: full depth {diffs['full_depth']:.2e}, "
           f"price {half_price:.3f} (budget 0.5) {diffs['budget_0.5_price']:.2e}")
     for engine in engines.values():
-        measure(engine, prompts[:1], 1.0, 4)  # warm-up
+        run_engine(engine, prompts[:1], 4, ComputeParams(compute_budget=1.0))  # warm-up
     rows = []
     print(f"{'batch':>5} {'budget':>6} {'torch tok/s':>12} {'onnx tok/s':>11} {'ratio':>6} {'depth':>6} {'same tokens':>12}")
     for batch in batches:
         for budget in budgets:
-            same = (greedy_tokens(engines["torch"], prompts[:batch], budget, args.max_tokens)
-                    == greedy_tokens(engines["onnx"], prompts[:batch], budget, args.max_tokens))
-            cells = {"torch": [], "onnx": []}
-            for _ in range(args.repeats):
-                for name, engine in engines.items():
-                    cells[name].append(measure(engine, prompts[:batch], budget, args.max_tokens))
-            tps = {name: statistics.median(c["tokens_per_s"] for c in cs) for name, cs in cells.items()}
-            itl = {name: [t for c in cs for t in c["itl"]] for name, cs in cells.items()}
+            compute = ComputeParams(compute_budget=budget)
+            rounds = run_rounds(list(engines), args.repeats,
+                                lambda name: run_engine(engines[name], prompts[:batch], args.max_tokens, compute))
+            cells = {name: [r[name] for r in rounds] for name in engines}
+            same = cells["torch"][0].tokens == cells["onnx"][0].tokens
+            tps = {name: statistics.median(c.decode_tokens_per_s for c in cs) for name, cs in cells.items()}
+            itl = {name: [t for c in cs for t in c.itl] for name, cs in cells.items()}
             row = {"batch": batch, "budget": budget, "torch_tok_s": tps["torch"], "onnx_tok_s": tps["onnx"],
-                   "ratio_onnx_over_torch": tps["onnx"] / tps["torch"], "same_tokens": same,
-                   "mean_core_depth": {n: statistics.fmean(d for c in cs for d in c["depths"]) for n, cs in cells.items()},
+                   "ratio_onnx_over_torch": median_ratio(rounds, "onnx", "torch", lambda c: c.decode_tokens_per_s),
+                   "same_tokens": same,
+                   "mean_core_depth": {n: statistics.fmean(d for c in cs for d in c.depths) for n, cs in cells.items()},
                    "itl_p50_ms": {n: 1e3 * percentile(t, 0.5) for n, t in itl.items()},
                    "itl_p99_ms": {n: 1e3 * percentile(t, 0.99) for n, t in itl.items()}}
             rows.append(row)
             print(f"{batch:>5} {budget:>6.2f} {tps['torch']:>12.1f} {tps['onnx']:>11.1f} {row['ratio_onnx_over_torch']:>5.2f}x "
                   f"{row['mean_core_depth']['onnx']:>6.2f} {str(same):>12}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "threads": torch.get_num_threads(),
-                                          "prompts": args.prompt_file, "max_logit_diff": diffs, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"model": args.model, "threads": threads, "prompts": args.prompt_file,
+                             "max_logit_diff": diffs, "rows": rows})
     return rows
 
 

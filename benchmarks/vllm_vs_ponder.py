@@ -1,16 +1,17 @@
 """vLLM (through the Ponder plugin) against Ponder's engine: same weights, same greedy requests, one run.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \\
-        /work/venv-vllm/bin/python -m exporters.vllm_bench [--model DIR] [--budgets 1.0,0.5]
+        python -m benchmarks.vllm_vs_ponder [--model DIR] [--budgets 1.0,0.5]
 
-Runs in the environment where vllm-cpu and ponder are both installed. For each budget the
-Hugging Face export is served by vLLM at the calibrated exit price of that budget (full depth
-at 1.0), and Ponder's engine runs the same prompts at the same fixed price. Figures: generated
-tokens per second over the whole batch (prefill included), the median of --repeats runs, and
-whether both produced the same tokens. Ponder's engine runs in this process with torch's
-threads, before vLLM starts and again after it has shut down (vLLM's idle worker polls its
-queue and takes a core, so the two cannot share the time); vLLM's worker runs in its own
-process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes to results/vllm-bench.json.
+Run it with the Python of the environment where vllm-cpu and ponder are both installed
+(DEVELOPERS.md). For each budget the Hugging Face export is served by vLLM at the calibrated
+exit price of that budget (full depth at 1.0), and Ponder's engine runs the same prompts at the
+same fixed price. Figures: generated tokens per second over the whole batch (prefill included),
+the median of --repeats runs, and whether both produced the same tokens. Ponder's engine runs in
+this process with torch's threads, before vLLM starts and again after it has shut down (vLLM's
+idle worker polls its queue and takes a core, so the two cannot share the time, nor rotate
+rounds); vLLM's worker runs in its own process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes
+to results/vllm-bench.json.
 """
 
 from __future__ import annotations
@@ -19,35 +20,23 @@ import exporters.vllm_plugin.launch  # noqa: F401  (vllm-cpu version patch, befo
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-import torch
-
+from benchmarks.harness import HELDOUT_TEXT, csv_of, make_prompts, run_engine, set_threads, write_results
 from exporters.hf import export_hf
-from runtime.bench import make_prompts
 from runtime.checkpoint import DEFAULT_MODEL, load_checkpoint
 from runtime.engine.engine import EngineConfig, LLMEngine
-from runtime.engine.params import ComputeParams, SamplingParams
+from runtime.engine.params import ComputeParams
 
 
 def ponder_run(engine: LLMEngine, prompts: list[list[int]], price: float | None, max_tokens: int):
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    """Wall seconds, tokens and mean exit depth of the prompts at a fixed price (None: full depth)."""
     compute = ComputeParams(exit_price=price) if price is not None else ComputeParams(compute_budget=1.0)
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", p, params, compute)
-    tokens: dict[str, list[int]] = {}
-    depths: list[int] = []
-    while engine.has_unfinished():
-        for o in engine.step():
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-            depths += o.exit_depths
-    return time.perf_counter() - start, [tokens[f"p{i}"] for i in range(len(prompts))], statistics.fmean(depths)
+    run = run_engine(engine, prompts, max_tokens, compute)
+    return run.wall_s, run.tokens, statistics.fmean(run.depths)
 
 
 def vllm_run(llm, prompts: list[list[int]], max_tokens: int):
@@ -63,26 +52,25 @@ def vllm_run(llm, prompts: list[list[int]], max_tokens: int):
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--budgets", default="1.0,0.5")
+    ap.add_argument("--budgets", type=csv_of(float), default="1.0,0.5")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--prompt-file", default="training/data/austen/persuasion.txt")
+    ap.add_argument("--prompt-file", default=HELDOUT_TEXT)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for Ponder's engine (on a busy 2-core machine 2 threads run ~50x slower)")
     ap.add_argument("--out", default="results/vllm-bench.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from vllm import LLM
 
     ckpt = load_checkpoint(args.model)
-    prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, args.batch, args.prompt_len, args.prompt_file,
-                           torch.Generator().manual_seed(0))
+    prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, args.batch, args.prompt_len, args.prompt_file)
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=max(1024, args.batch * args.prompt_len)))
     rows = []
     print(f"{'budget':>6} {'price':>7} {'ponder tok/s':>13} {'vllm tok/s':>11} {'vllm/ponder':>12} {'depth':>6} {'same tokens':>12}")
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in args.budgets:
         price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
         hf_dir = export_hf(ckpt, tempfile.mkdtemp(prefix="ponder-hf-"), exit_price=price)
         ponder_run(engine, prompts[:1], price, 4)  # warm-up
@@ -114,11 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{budget:>6.2f} {price or 0.0:>7.3f} {row['ponder_tok_s']:>13.1f} {row['vllm_tok_s']:>11.1f} "
               f"{row['vllm_over_ponder']:>11.2f}x {depth:>6.2f} {str(row['same_tokens']):>12}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "prompts": args.prompt_file, "max_tokens": args.max_tokens,
-                                          "ponder_threads": args.threads, "vllm_cpu_omp_threads_bind":
-                                          os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"model": args.model, "prompts": args.prompt_file, "max_tokens": args.max_tokens,
+                             "ponder_threads": args.threads,
+                             "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "rows": rows})
     return rows
 
 

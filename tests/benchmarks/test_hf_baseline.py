@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from exporters.hf_baseline import main, make_workload
+from benchmarks.hf_baseline import main, make_workload
 
 
 @pytest.mark.parametrize("workload", ["uniform", "mixed"])

@@ -1,3 +1,5 @@
+"""`ponder bench` (benchmarks/engine.py): the table, the JSON and the PNG, and a clear refusal of bad input."""
+
 import json
 
 from ponder.cli import main

@@ -1,14 +1,14 @@
 """Greedy chat completions at full depth and at a lower budget, side by side (Markdown + JSON).
 
-    python scripts/side_by_side.py --model checkpoints/smollm2-135m-exits --budget 0.6 --out results/smollm2-generations
+    python -m benchmarks.side_by_side --model checkpoints/smollm2-135m-exits --budget 0.6 --out results/smollm2-generations
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from benchmarks.harness import write_results
 from runtime.chat_template import apply_chat_template
 from runtime.engine.llm import LLM
 from runtime.engine.params import ComputeParams, SamplingParams
@@ -48,10 +48,9 @@ def main() -> None:
     for r in rows:
         cell = lambda text, depth: text.strip().replace("\n", " ").replace("|", "\\|") + f" *(depth {depth:.1f})*"  # noqa: E731
         lines.append(f"| {r['prompt']} | {cell(r['full'], r['full_mean_depth'])} | {cell(r['budget'], r['budget_mean_depth'])} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps({"model": args.model, "budget": args.budget, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
+    write_results(args.out + ".json", {"model": args.model, "budget": args.budget, "rows": rows})
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

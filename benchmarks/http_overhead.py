@@ -1,20 +1,19 @@
 """HTTP overhead: output throughput through `ponder serve` against direct engine calls, in one run.
 
-    python -m server.overhead_bench [--model checkpoints/austen-small] [--num-prompts 16] [--max-tokens 64]
+    python -m benchmarks.http_overhead [--model checkpoints/austen-small] [--num-prompts 16] [--max-tokens 64]
 
 The same token-id prompts, max_tokens, greedy sampling and ignore_eos go to three variants:
 `direct` (LLM.generate in this process), `http` (all requests at once to /v1/completions) and
 `http-stream` (the same, streamed as SSE). The server is a real `ponder serve` subprocess with the
 same engine settings. Variants are interleaved round by round (rotating their order), since the CPU
 is shared; each HTTP variant's figure is its throughput over the direct throughput of the same round.
-Writes results/http-overhead.json and a PNG beside it.
+Prompts are windows of the held-out Austen novel. Writes results/http-overhead.json and a PNG beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -24,9 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
+from benchmarks.harness import (HELDOUT_TEXT, make_prompts, pyplot, round_ratios, run_rounds, save_figure, set_threads,
+                                write_results)
+from loadtests.client import Client
+from loadtests.workload import Prompt
 from runtime.checkpoint import DEFAULT_MODEL
+from runtime.engine.llm import LLM
+from runtime.engine.params import SamplingParams
 
 VARIANTS = ["direct", "http", "http-stream"]
 
@@ -47,17 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def make_prompts(tokenizer, num: int, length: int) -> list[list[int]]:
-    """`num` prompts of exactly `length` tokens, cut from the Austen corpus the model was trained on."""
-    text = (Path(__file__).resolve().parents[1] / "training/data/austen/persuasion.txt").read_text()
-    ids = tokenizer.encode(text[:200_000]).ids
-    step = max(length, (len(ids) - length) // num)
-    prompts = [ids[i * step: i * step + length] for i in range(num)]
-    if any(len(p) < length for p in prompts):
-        raise ValueError(f"the corpus is too short for {num} prompts of {length} tokens")
-    return prompts
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -81,9 +73,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"ponder serve did not start: {proc.stdout.read().decode()[-2000:]}")
 
 
-def run_direct(llm, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
-    from runtime.engine.params import SamplingParams
-
+def run_direct(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     done = llm.generate(prompts, sampling, use_tqdm=False)
@@ -92,9 +82,6 @@ def run_direct(llm, prompts: list[list[int]], max_tokens: int) -> tuple[int, flo
 
 
 async def run_http(base: str, prompts: list[list[int]], max_tokens: int, stream: bool) -> tuple[int, float]:
-    from loadtests.client import Client
-    from loadtests.workload import Prompt
-
     client = Client(base, model=None)
     try:
         await client.resolve_model()
@@ -112,45 +99,38 @@ async def run_http(base: str, prompts: list[list[int]], max_tokens: int, stream:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from runtime.engine.llm import LLM
-
-    torch.set_num_threads(args.threads)
-
+    threads = set_threads(args.threads)
     llm = LLM(args.model, device="cpu", max_num_seqs=args.max_num_seqs)
-    prompts = make_prompts(llm.tokenizer, args.num_prompts, args.prompt_len)
+    prompts = make_prompts(llm.tokenizer, llm.engine.ckpt.config.vocab_size, args.num_prompts, args.prompt_len,
+                           HELDOUT_TEXT)
     proc, base = start_server(args)
     expected = args.num_prompts * args.max_tokens
 
-    def once(variant: str) -> tuple[int, float]:
+    def once(variant: str) -> float:
         if variant == "direct":
             tokens, wall = run_direct(llm, prompts, args.max_tokens)
         else:
             tokens, wall = asyncio.run(run_http(base, prompts, args.max_tokens, variant == "http-stream"))
         if tokens != expected:
             raise RuntimeError(f"{variant}: {tokens} output tokens, expected {expected}")
-        return tokens, wall
+        return wall
 
-    rounds = []
     try:
         for v in VARIANTS:  # warm-up: first-call costs (allocation, connection setup) are not overhead
             once(v)
-        for r in tqdm(range(args.rounds), desc="rounds"):
-            order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotate, so no variant always runs first
-            walls = {v: once(v)[1] for v in order}
-            rounds.append({"order": order, "wall_s": walls,
-                           "tok_s": {v: expected / w for v, w in walls.items()},
-                           "ratio": {v: walls["direct"] / walls[v] for v in VARIANTS[1:]}})
+        walls = run_rounds(VARIANTS, args.rounds, once, "http overhead")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
-    summary = {v: {"median_ratio": statistics.median(r["ratio"][v] for r in rounds),
-                   "min_ratio": min(r["ratio"][v] for r in rounds),
-                   "max_ratio": max(r["ratio"][v] for r in rounds)} for v in VARIANTS[1:]}
+    # Every variant yields the same tokens, so direct's wall over a variant's is its throughput over direct's.
+    ratios = {v: round_ratios(walls, "direct", v, lambda wall: wall) for v in VARIANTS[1:]}
+    rounds = [{"order": list(w), "wall_s": w, "tok_s": {v: expected / t for v, t in w.items()},
+               "ratio": {v: ratios[v][i] for v in VARIANTS[1:]}} for i, w in enumerate(walls)]
+    summary = {v: {"median_ratio": statistics.median(rs), "min_ratio": min(rs), "max_ratio": max(rs)}
+               for v, rs in ratios.items()}
     print(f"\n{args.num_prompts} prompts x {args.prompt_len} tokens, max_tokens={args.max_tokens}, greedy, ignore_eos, "
-          f"{args.model}, {args.threads} torch thread(s)")
+          f"{args.model}, {threads} torch thread(s)")
     print(f"{'round':>5} " + " ".join(f"{v + ' tok/s':>17}" for v in VARIANTS) + " " +
           " ".join(f"{v + ' ratio':>17}" for v in VARIANTS[1:]))
     for i, r in enumerate(rounds):
@@ -160,24 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{v}: throughput / direct = {s['median_ratio']:.3f} (median of {len(rounds)} rounds; "
               f"range {s['min_ratio']:.3f}-{s['max_ratio']:.3f}); goal >= 0.9")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
               "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs, "threads": args.threads,
               "rounds": rounds, "summary": summary}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rounds, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_results(args.out, result, lambda path: plot(rounds, path))
     return 0
 
 
 def plot(rounds: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     width = 0.8 / len(VARIANTS)
     for k, v in enumerate(VARIANTS):
         ax.bar([i + k * width for i in range(len(rounds))], [r["tok_s"][v] for r in rounds], width, label=v)
@@ -185,8 +156,7 @@ def plot(rounds: list[dict], path: Path) -> None:
     ax.set_ylabel("output tokens / s")
     ax.set_title("HTTP overhead: server vs direct engine (same workload)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
