@@ -148,17 +148,38 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{path / WEIGHTS} does not match config.json: {e}") from e
-    try:
-        tokenizer = Tokenizer.from_file(str(_need(tokenizer_dir, TOKENIZER)))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{tokenizer_dir / TOKENIZER} is corrupt: {e}") from e
+    tokenizer = _tokenizer(tokenizer_dir)
     try:
         calibration = Calibration.from_dict(json.loads(_need(path, CALIBRATION).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CALIBRATION} is corrupt: {e}") from e
     model = model.to(device=device, dtype=dtype).eval()
-    template = next((d / CHAT_TEMPLATE for d in (path, tokenizer_dir) if (d / CHAT_TEMPLATE).is_file()), None)
     return Checkpoint(model=model, tokenizer=tokenizer, calibration=calibration, path=path,
-                      chat_template=template.read_text() if template else None)
+                      chat_template=_chat_template(path, tokenizer_dir))
+
+
+def load_tokenizer(path: str | Path) -> tuple[Tokenizer, str | None]:
+    """The tokenizer and chat template of a checkpoint, without its weights (the server process)."""
+    path = Path(path)
+    source = _base_source(path)
+    if source and not (path / TOKENIZER).is_file():
+        from runtime.base_model import base_checkpoint
+
+        tokenizer_dir = base_checkpoint(source)
+    else:
+        tokenizer_dir = path
+    return _tokenizer(tokenizer_dir), _chat_template(path, tokenizer_dir)
+
+
+def _tokenizer(directory: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(_need(directory, TOKENIZER)))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory / TOKENIZER} is corrupt: {e}") from e
+
+
+def _chat_template(*directories: Path) -> str | None:
+    template = next((d / CHAT_TEMPLATE for d in directories if (d / CHAT_TEMPLATE).is_file()), None)
+    return template.read_text() if template else None

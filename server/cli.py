@@ -31,35 +31,37 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     s.add_argument("--chat-template", help="a Jinja chat template (or a file holding one) over `messages`, "
                                           "for checkpoints whose tokenizer has none")
+    s.add_argument("--threads", type=int, help="torch threads of the engine core (default: torch's choice)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=run_serve)
 
 
 def build_server(args: argparse.Namespace):
+    """The app and its engine: the engine core starts in its own process and loads the model; this
+    process keeps only the tokenizer (HTTP, tokenizing, detokenizing, output processing)."""
     from pathlib import Path
 
-    from runtime.checkpoint import load_checkpoint
-    from runtime.devices import resolve_device, resolve_dtype
-    from runtime.engine.async_engine import AsyncEngine
-    from runtime.engine.engine import EngineConfig, LLMEngine
-    from server.app import ServerConfig, build_app
+    from runtime.checkpoint import load_tokenizer
+    from runtime.engine.async_llm import AsyncLLM
+    from runtime.engine.core import EngineConfig
+    from runtime.engine.core_client import MPCoreClient
+    from server.app import build_app
+    from server.config import ServerConfig
 
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, default_compute_budget=args.default_compute_budget,
         kv_cache_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks,
     )
-    engine = AsyncEngine(LLMEngine(ckpt, engine_config))
-    cfg = ckpt.config
+    client = MPCoreClient(args.model, args.device, args.dtype, engine_config, num_threads=args.threads)
+    tokenizer, chat_template = load_tokenizer(args.model)
+    engine = AsyncLLM(client, tokenizer)
     config = ServerConfig(
-        model_name=args.served_model_name or Path(args.model).resolve().name, max_depth=cfg.max_depth,
-        max_model_len=args.max_model_len or cfg.max_seq_len, default_compute_budget=args.default_compute_budget,
-        api_key=args.api_key, max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-        chat_template=_read_template(args.chat_template) or ckpt.chat_template, thought_kv_modes=list(cfg.thought_kv),
+        model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        chat_template=_read_template(args.chat_template) or chat_template,
     )
-    return build_app(engine, ckpt.tokenizer, config), engine
+    return build_app(engine, tokenizer, config), engine
 
 
 def _read_template(value: str | None) -> str | None:
@@ -71,13 +73,32 @@ def _read_template(value: str | None) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, engine = build_server(args)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=15))
+
+    @app.on_event("startup")
+    async def _watch_core() -> None:  # as vLLM does: when the engine core dies, the server exits non-zero
+        async def watch() -> None:
+            while engine.dead is None and engine.client.is_alive():
+                await asyncio.sleep(0.2)
+            engine.mark_dead(engine.dead or "the engine core process exited")
+            await asyncio.sleep(1.0)  # in-flight requests get their error; /health says 503 meanwhile
+            server.should_exit = True
+
+        app.state.core_watch = asyncio.get_running_loop().create_task(watch())
 
     @app.on_event("shutdown")
     def _drain() -> None:  # SIGTERM: stop taking requests, finish or abort in-flight ones
-        engine.shutdown(timeout=10.0)
+        if engine.dead is None:
+            engine.shutdown(timeout=10.0)
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=15)
+    server.run()
+    if engine.dead is not None:
+        logging.getLogger("ponder.server").error("exiting: the engine core died (%s)", engine.dead)
+        raise SystemExit(1)

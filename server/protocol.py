@@ -1,4 +1,6 @@
-"""OpenAI-shaped request bodies. Unknown fields are tolerated (and logged by the app), as in vLLM."""
+"""OpenAI-shaped request bodies. Unknown fields are tolerated (and logged by the app), as in vLLM.
+
+Only types are checked here; ranges are checked once, by the engine's parameters and Validator."""
 
 from __future__ import annotations
 
@@ -17,36 +19,36 @@ class StreamOptions(BaseModel):
 
 class _Common(_Body):
     model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     user: str | None = None
     # Ponder's compute parameters (the OpenAI SDK's extra_body).
-    compute_budget: float | None = Field(None, gt=0.0, le=1.0)
-    min_depth: int | None = Field(None, ge=0)
-    max_depth: int | None = Field(None, ge=0)
-    exit_price: float | None = Field(None, ge=0.0)
-    max_thought_tokens: int | None = Field(None, ge=0)
+    compute_budget: float | None = None
+    min_depth: int | None = None
+    max_depth: int | None = None
+    exit_price: float | None = None
+    max_thought_tokens: int | None = None
     include_thoughts: bool = False
-    thought_kv: Literal["keep", "discard"] | None = None
+    thought_kv: str | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = 16
+    logprobs: int | None = None
     echo: bool = False
 
 
@@ -67,10 +69,10 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
 
 
 class TokenizeRequest(_Body):

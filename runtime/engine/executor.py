@@ -14,6 +14,7 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -22,8 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.outputs import ModelRunnerOutput, PromptScores
+from runtime.engine.sampler import SampleRow, sample, score_tokens
+from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
 from runtime.layers import Block, rope_tables
 from runtime.model import PonderModel
+
+log = logging.getLogger(__name__)
 
 Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 
@@ -92,9 +98,76 @@ class Executor:
     def __init__(self, model: PonderModel, cache: PagedKVCache) -> None:
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.device = next(model.parameters()).device
+        self._init_state()
+
+    def _init_state(self) -> None:
         self.num_block_calls = 0  # core block applications (row-level), for accounting
         self.num_batched_calls = 0  # core block calls (one per block group and step), for accounting
         self.num_fill_calls = 0  # K/V projection calls of groups whose rows all left the core
+        self.num_core_steps = 0  # block applications to the positions run (each position counted once)
+        self.num_core_steps_full = 0  # what full depth would have run for the same positions
+        self.block_steps = [0] * self.cfg.n_pool  # block applications per pool block
+        self._generators: dict[str, torch.Generator] = {}  # per request, so seeded sampling is batch-invariant
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: the forward over every scheduled chunk, then sampling and prompt scores.
+        A failure fails the step's requests (`ModelRunnerOutput.failed`), never the engine."""
+        for rid in scheduler_output.finished_ids:
+            self._generators.pop(rid, None)
+        moves = scheduler_output.kv_moves
+        self.cache.move([src for src, _ in moves], [dst for _, dst in moves])
+        chunks = scheduler_output.scheduled
+        if not chunks:
+            return ModelRunnerOutput()
+        try:
+            return self._execute(chunks)
+        except Exception as e:
+            log.exception("engine step failed")
+            return ModelRunnerOutput(failed={c.request_id: f"{type(e).__name__}: {e}" for c in chunks})
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> ModelRunnerOutput:
+        scores_prompt = [c.request.wants_prompt_scores and c.start_position < len(c.request.prompt_token_ids) - 1
+                         for c in chunks]
+        seqs = [SeqInput(c.token_ids, c.start_position, c.block_table, price=c.request.price,
+                         min_depth=c.request.compute.min_depth, max_depth=c.request.compute.max_depth,
+                         all_logits=scores, position_offset=c.position_offset) for c, scores in zip(chunks, scores_prompt)]
+        outs = self.run(seqs)
+        result = ModelRunnerOutput(depths={c.request_id: out.depths for c, out in zip(chunks, outs)})
+        samplers = [i for i, c in enumerate(chunks) if c.samples]
+        if samplers:
+            logits = torch.cat([outs[i].logits[-1:] for i in samplers])
+            for i, s in zip(samplers, sample(logits, [self._sample_row(chunks[i]) for i in samplers])):
+                result.sampled[chunks[i].request_id] = s
+        for chunk, out, scores in zip(chunks, outs, scores_prompt):
+            scored = self._score_prompt(chunk, out) if scores else None
+            if scored is not None:
+                result.prompt_scores[chunk.request_id] = scored
+        paths = torch.cat([out.paths for out in outs])
+        counts = torch.bincount(paths[paths >= 0].cpu(), minlength=self.cfg.n_pool).tolist()
+        self.block_steps = [a + b for a, b in zip(self.block_steps, counts)]
+        num_positions = sum(len(c.token_ids) for c in chunks)
+        self.num_core_steps += sum(sum(out.depths) for out in outs)
+        self.num_core_steps_full += num_positions * self.cfg.max_depth
+        return result
+
+    def _sample_row(self, chunk: ScheduledChunk) -> SampleRow:
+        req = chunk.request
+        generator = self._generators.get(req.request_id)
+        if generator is None:
+            generator = self._generators[req.request_id] = torch.Generator().manual_seed(req.sampling.seed or 0)
+        return SampleRow(req.sampling, req.prompt_token_ids, req.output_token_ids, generator, req.banned_ids(),
+                         forced=req.thoughts.forced_token())
+
+    @staticmethod
+    def _score_prompt(chunk: ScheduledChunk, out: SeqOutput) -> PromptScores | None:
+        """Logprobs of the prompt tokens this chunk predicts: position p's logits score token p + 1.
+        A chunk replayed after preemption covers positions already scored; those are skipped."""
+        req, start = chunk.request, chunk.start_position
+        first, end = max(start, req.num_prompt_scored), min(start + len(chunk.token_ids), len(req.prompt_token_ids) - 1)
+        if first >= end:
+            return None
+        return score_tokens(out.logits[first - start : end - start], req.prompt_token_ids[first + 1 : end + 1],
+                            out.depths[first - start : end - start], req.sampling.prompt_logprobs)
 
     @torch.inference_mode()
     def run(self, seqs: list[SeqInput], all_logits: bool = False) -> list[SeqOutput]:
@@ -115,9 +188,9 @@ class Executor:
         for s in range(D):
             # Every row's slot-s entry: with propagate (and at slot 0 for every policy) it is the row's
             # state through the block it takes at step s, so all rows share the projection calls.
-            every = cfg.kv_fill == "propagate" or s == 0
+            every = cfg.kv_fill.fills_by_projection or s == 0
             if not len(active) and not every:
-                if cfg.kv_fill == "latest":  # every row has exited: each passes its deepest entry down
+                if cfg.kv_fill.copies_deepest:  # every row has exited: each passes its deepest entry down
                     self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index)
                 continue
             rows = all_rows if every else active
@@ -148,7 +221,7 @@ class Executor:
         the block's MLP. Exited rows among `rows` only write (their kv_fill entry)."""
         cfg, N = self.cfg, batch.num_rows
         slot = self.cache.core_slot(s)
-        if cfg.kv_fill == "latest" and s > 0 and num_active < N:  # exited rows: a copy of their deepest entry
+        if cfg.kv_fill.copies_deepest and s > 0 and num_active < N:  # exited rows: a copy of their deepest entry
             self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[~alive])
         has_exited = len(rows) > num_active  # rows include exited ones, which only write their entry
         runs = []
@@ -157,7 +230,7 @@ class Executor:
             goes_on = keep is None or bool(keep.any())  # a group of exited rows only fills: no queries
             cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
             k, v, q = self._project(("pool", b), x, cos, sin, queries=goes_on)
-            if not (cfg.kv_fill == "shared" and s > 0):  # shared: the single core slot keeps the step-0 entry
+            if cfg.kv_fill.writes_slot(s):  # shared: the single core slot keeps the step-0 entry
                 self.cache.write(slot, index, k, v)
             if not goes_on:
                 self.num_fill_calls += 1

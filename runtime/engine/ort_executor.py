@@ -45,7 +45,7 @@ class OrtExecutor(Executor):
             raise ValueError(f"the onnx backend runs on the CPU in float32; got a {cache.k.dtype} cache on "
                              f"{cache.k.device}: use device='cpu', dtype='float32'")
         self.model, self.cache, self.cfg, self.device = None, cache, cfg, torch.device("cpu")
-        self.num_block_calls = self.num_batched_calls = self.num_fill_calls = 0
+        self._init_state()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or torch.get_num_threads()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class ParamError(ValueError):
@@ -101,3 +101,8 @@ class ComputeParams:
         if self.thought_kv is not None and self.thought_kv not in modes:
             raise ParamError("thought_kv", f"{self.thought_kv!r} is not supported by this checkpoint, which was trained "
                                            f"for {modes}; use one of those")
+
+
+def fan_out(sampling: SamplingParams) -> list[SamplingParams]:
+    """The n sequences of a request, one SamplingParams each: seeds seed, seed + 1, ... when seeded."""
+    return [replace(sampling, n=1, seed=None if sampling.seed is None else sampling.seed + j) for j in range(sampling.n)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime.engine.outputs import PromptScores, Sampled
 from runtime.engine.params import SamplingParams
 
 
@@ -18,13 +19,6 @@ class SampleRow:
     generator: torch.Generator  # per request, so a seeded request reproduces in any batch
     banned: list[int]  # token ids not allowed yet (EOS/stop ids before min_tokens)
     forced: int | None = None  # the token this row must take (</think> at the thought cap)
-
-
-@dataclass
-class Sampled:
-    token_id: int
-    logprob: float  # raw model log-probability of the chosen token
-    top_logprobs: list[tuple[int, float]]
 
 
 def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
@@ -85,3 +79,16 @@ def _filter(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def score_tokens(logits: Tensor, targets: list[int], depths: list[int], num_top: int) -> PromptScores:
+    """Logprobs of `targets` under logits (T, V) (row t scores targets[t]), with the top `num_top` of each row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(targets, device=logprobs.device)
+    chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+    if num_top:
+        top = torch.topk(logprobs, num_top)
+        tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    else:
+        tops = [[] for _ in targets]
+    return PromptScores([Sampled(t, lp, tp) for t, lp, tp in zip(targets, chosen, tops)], depths)

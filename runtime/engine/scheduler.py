@@ -1,10 +1,10 @@
 """The engine scheduler: waiting and running queues, a token budget per step, paged KV blocks.
 
-Pure Python, no torch. The engine step is three lines:
+Pure Python, no torch. The engine core's step is three calls (runtime/engine/core.py):
 
-    out = sched.schedule()
-    runner_out = executor.execute(out)
-    updates = sched.update_from_output(runner_out)
+    scheduler_output = scheduler.schedule()
+    runner_output = executor.execute(scheduler_output)
+    outputs = scheduler.update_from_output(scheduler_output, runner_output)
 
 Each step schedules running requests first (a decode is one token; a request still in
 chunked prefill gets its next chunk), then admits waiting requests first come, first
@@ -12,13 +12,19 @@ served. When a running request cannot get a KV block, the most recently arrived 
 request is preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue, to prefill prompt + outputs again later.
 
-Thought KV discard: the engine registers a finished thought span with `discard_thought()`.
-Once its `</think>` is computed and the token after it is known, the next `schedule()` drops
-the span from the request's cache: the KV of the positions computed after the span (`</think>`)
-is moved down over the span's start (`SchedulerOutput.kv_moves`, which the executor applies
-before anything runs), and the blocks past the new end are freed, so the span returns whole
-blocks. A preempted request replays its spans: prefill stops at each `</think>` so the span is
-dropped again before anything later is computed, exactly as it was the first time.
+`update_from_output` applies what the executor computed: each position's depth to the request's
+budget controller, sampled tokens to the outputs and the thought state, and it finishes requests
+on a stop id, at max_tokens or on failure. Only a stop string (found in text, outside the core)
+comes back in from outside, as `finish()`.
+
+Thought KV discard: when a sampled `</think>` closes a thought of a request with
+thought_kv='discard', the span is registered (`discard_thought()`). Once its `</think>` is
+computed and the token after it is known, the next `schedule()` drops the span from the
+request's cache: the KV of the positions computed after the span (`</think>`) is moved down over
+the span's start (`SchedulerOutput.kv_moves`, which the executor applies before anything runs),
+and the blocks past the new end are freed, so the span returns whole blocks. A preempted request
+replays its spans: prefill stops at each `</think>` so the span is dropped again before anything
+later is computed, exactly as it was the first time.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import time
+
 from runtime.config import ConfigError
 from runtime.engine.kv_blocks import BlockAllocator
+from runtime.engine.outputs import EngineCoreOutput, ModelRunnerOutput
 from runtime.engine.request import Request, RequestStatus
+from runtime.engine.thoughts import TokenKind
 
 
 @dataclass(kw_only=True)
@@ -75,20 +85,20 @@ class OverloadedError(Exception):
     """The waiting queue is full; retry later (HTTP 429)."""
 
 
-class RequestTooLongError(ValueError):
-    """The request can never be served by this engine (HTTP 400)."""
-
-
 @dataclass
 class ScheduledChunk:
     """Tokens of one request to run this step, at positions start_position.. onwards."""
 
-    request_id: str
+    request: Request  # what the executor reads: sampling and compute parameters, the price, the history
     token_ids: list[int]
     start_position: int
     block_table: list[int]  # a copy; covers start_position + len(token_ids) positions
     samples: bool  # the chunk ends at the sequence's last known token: sample the next one
     position_offset: int = 0  # RoPE position = cache position + offset (tokens of discarded thoughts)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass
@@ -100,25 +110,6 @@ class SchedulerOutput:
     finished_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
     num_batched_tokens: int = 0
     kv_moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) flat cache positions, all slots
-
-
-@dataclass
-class ModelRunnerOutput:
-    """What the executor returns for one `SchedulerOutput`."""
-
-    sampled: dict[str, int] = field(default_factory=dict)  # request_id -> token, for chunks with samples=True
-    failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
-
-
-@dataclass
-class RequestUpdate:
-    """News of one request after a step: a new token, or that it finished (or both)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    status: RequestStatus
-    error: str | None = None  # set when status is FINISHED_ERROR
 
 
 class Scheduler:
@@ -136,40 +127,19 @@ class Scheduler:
     # ------------------------------------------------------------------ requests in and out
 
     def add_request(self, req: Request) -> None:
-        """Queue a new request, or refuse it at once.
-
-        Raises `OverloadedError` when `max_waiting` requests are already waiting, and
-        `RequestTooLongError` when prompt + max_tokens exceeds `max_model_len` or the
-        request could never fit in the whole KV cache.
-        """
-        cfg = self.config
+        """Queue a new (validated) request, or refuse it at once with `OverloadedError` when
+        `max_waiting` requests are already waiting."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; give each request a unique id")
         if req.status is not RequestStatus.WAITING or req.block_table or req.num_computed_tokens or req.discard_spans:
             raise ValueError(f"request {req.request_id!r} is not fresh (status {req.status.name}); add a new Request")
-        if len(self.waiting) >= cfg.max_waiting:
-            raise OverloadedError(f"{len(self.waiting)} requests are already waiting (max_waiting={cfg.max_waiting})")
-        self.check_fits(len(req.prompt_token_ids), req.max_tokens)
+        assert self.allocator.num_blocks_for(req.num_tokens + req.max_tokens - 1) <= self.config.num_kv_blocks, \
+            f"request {req.request_id!r} can never fit the KV cache; the Validator should have refused it"
+        if len(self.waiting) >= self.config.max_waiting:
+            raise OverloadedError(f"{len(self.waiting)} requests are already waiting "
+                                  f"(max_waiting={self.config.max_waiting})")
         self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    def check_fits(self, num_prompt: int, max_tokens: int) -> None:
-        """Raise `RequestTooLongError` unless such a request fits max_model_len and the whole KV cache.
-        Reads only the configuration, so any thread may call it."""
-        cfg = self.config
-        if num_prompt + max_tokens > cfg.max_model_len:
-            raise RequestTooLongError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds max_model_len="
-                f"{cfg.max_model_len}; shorten the prompt or lower max_tokens"
-            )
-        # The last output token is never run, so a request holds KV for at most this many positions.
-        num_blocks = self.allocator.num_blocks_for(num_prompt + max_tokens - 1)
-        if num_blocks > cfg.num_kv_blocks:
-            raise RequestTooLongError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {num_blocks} KV blocks but "
-                f"the cache has only {cfg.num_kv_blocks}; shorten the prompt, lower max_tokens or give the cache "
-                f"more memory"
-            )
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if the id is unknown or finished."""
@@ -269,6 +239,8 @@ class Scheduler:
             self.waiting.popleft()
             req.block_table = self.allocator.allocate(num_needed)
             req.status = RequestStatus.RUNNING
+            if req.queue_time is None:
+                req.queue_time = time.monotonic() - req.arrival
             self.running.append(req)
             chunks[req.request_id] = self._chunk(req, num_new)
             budget -= num_new
@@ -286,47 +258,69 @@ class Scheduler:
         self._pending = out
         return out
 
-    def update_from_output(self, output: ModelRunnerOutput) -> list[RequestUpdate]:
-        """Apply the executor's result for the last `schedule()`.
+    def update_from_output(self, scheduler_output: SchedulerOutput, output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply the executor's result for `scheduler_output`, the last `schedule()`.
 
-        Advances each scheduled request's computed positions, appends sampled tokens,
-        finishes requests at max_tokens (FINISHED_LENGTH) or on failure (FINISHED_ERROR),
-        and frees finished requests' blocks. Requests finished or aborted since `schedule()`
-        are skipped. Returns one update per request that got a token or finished.
+        Advances each scheduled request's computed positions and feeds their depths to its budget
+        controller; appends sampled tokens and sorts them into content and thought; finishes requests
+        on a stop id (FINISHED_STOPPED), at max_tokens (FINISHED_LENGTH) or on failure
+        (FINISHED_ERROR), and frees their blocks. Requests finished or aborted since `schedule()` are
+        skipped. Returns one output per request that got a token, prompt scores, or finished.
         """
-        if self._pending is None:
-            raise RuntimeError("update_from_output() called without a schedule() before it")
-        for chunk in self._pending.scheduled:
+        if self._pending is not scheduler_output:
+            raise RuntimeError("update_from_output() must get the SchedulerOutput of the last schedule()")
+        for chunk in scheduler_output.scheduled:
             rid = chunk.request_id
             if rid not in self.requests or rid in output.failed:
                 continue
-            if chunk.samples and rid not in output.sampled:
-                raise ValueError(f"the executor returned no sampled token for request {rid!r}, whose chunk samples")
-            if not chunk.samples and rid in output.sampled:
-                raise ValueError(f"the executor sampled a token for request {rid!r}, whose chunk does not sample")
-        scheduled, self._pending = self._pending.scheduled, None
+            if chunk.samples != (rid in output.sampled):
+                raise ValueError(f"the executor's sampled tokens do not match the schedule for request {rid!r} "
+                                 f"(its chunk {'samples' if chunk.samples else 'does not sample'})")
+        self._pending = None
 
-        updates: list[RequestUpdate] = []
-        for chunk in scheduled:
+        outputs: list[EngineCoreOutput] = []
+        for chunk in scheduler_output.scheduled:
             req = self.requests.get(chunk.request_id)
             if req is None or chunk.request_id in output.failed:
                 continue  # finished since schedule(), or failed (handled below)
             assert req.status is RequestStatus.RUNNING and req.num_computed_tokens == chunk.start_position
             req.num_computed_tokens += len(chunk.token_ids)
             assert req.num_computed_tokens <= len(req.block_table) * self.config.block_size
-            if not chunk.samples:
-                continue
-            token = output.sampled[chunk.request_id]
-            req.output_token_ids.append(token)
-            if len(req.output_token_ids) >= req.max_tokens:
-                self._finish(req, RequestStatus.FINISHED_LENGTH)
-            updates.append(RequestUpdate(req.request_id, [token], req.is_finished, req.status))
+            depths = output.depths.get(req.request_id, [])
+            req.budget.update(depths)
+            out = EngineCoreOutput(req.request_id, prompt_scores=output.prompt_scores.get(req.request_id))
+            if out.prompt_scores is not None:
+                req.num_prompt_scored += len(out.prompt_scores.logprobs)
+            if chunk.samples:
+                self._append_token(req, output.sampled[req.request_id], depths[-1], out)
+            if out.new_token_ids or out.prompt_scores is not None:
+                out.mean_depth, out.num_thought_tokens = req.budget.mean_depth, req.thoughts.num_thought_tokens
+                if out.new_token_ids and len(req.output_token_ids) == 1:  # the first token: metrics take it
+                    out.queue_time = req.queue_time
+                outputs.append(out)
         for rid, message in output.failed.items():
             req = self.requests.get(rid)
             if req is not None:
                 self._finish(req, RequestStatus.FINISHED_ERROR)
-                updates.append(RequestUpdate(rid, [], True, RequestStatus.FINISHED_ERROR, error=message))
-        return updates
+                outputs.append(EngineCoreOutput(rid, finish_reason=req.status.finish_reason, error=message,
+                                                mean_depth=req.budget.mean_depth,
+                                                num_thought_tokens=req.thoughts.num_thought_tokens))
+        return outputs
+
+    def _append_token(self, req: Request, sampled, depth: int, out: EngineCoreOutput) -> None:
+        """A sampled token: into the outputs and the thought state; finish on a stop id or at max_tokens."""
+        token = sampled.token_id
+        req.output_token_ids.append(token)
+        kind, span = req.thoughts.observe(token, req.num_tokens - 1)
+        out.new_token_ids, out.new_logprobs, out.new_depths = [token], [sampled], [depth]
+        out.hidden, out.thought = [kind is not TokenKind.VISIBLE], [kind is TokenKind.THOUGHT]
+        if token in req.stop_ids:
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
+        elif len(req.output_token_ids) >= req.max_tokens:
+            self._finish(req, RequestStatus.FINISHED_LENGTH)
+        elif span is not None and req.discards_thoughts:
+            self.discard_thought(req.request_id, *span)
+        out.finish_reason = req.status.finish_reason
 
     # ------------------------------------------------------------------ internals
 
@@ -336,7 +330,7 @@ class Scheduler:
         assert len(req.block_table) * self.config.block_size >= end
         offset = req.num_discarded  # every span before `start` is gone from the cache
         return ScheduledChunk(
-            request_id=req.request_id,
+            request=req,
             token_ids=req.all_token_ids[start + offset : end + offset],
             start_position=start,
             block_table=list(req.block_table),

@@ -11,7 +11,8 @@ from runtime.config import ModelConfig
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.generate import generate
 from runtime.engine.params import ComputeParams, ParamError, SamplingParams
-from runtime.engine.scheduler import OverloadedError, RequestTooLongError
+from runtime.engine.scheduler import OverloadedError
+from runtime.engine.validation import RequestTooLongError
 from runtime.model import ExitSpec, PonderModel
 from training.tasks import symbol_tokenizer
 
@@ -71,7 +72,7 @@ def test_greedy_is_batch_invariant_and_matches_the_reference(kv_fill):
         assert together[rid]["depths"] == r["depths"]
     # The oracle: the reference forward, recomputing the whole sequence for every token.
     for i in range(3):
-        ref = generate(engine.model, prompts[i], 8, ExitSpec(price=engine.ckpt.calibration.prices[2]))
+        ref = generate(engine.ckpt.model, prompts[i], 8, ExitSpec(price=engine.ckpt.calibration.prices[2]))
         assert together[f"r{i}"]["tokens"] == ref.token_ids and together[f"r{i}"]["depths"] == ref.exit_depths
     assert engine.scheduler.allocator.num_used == 0
 

@@ -17,7 +17,7 @@ def run(engine, prompts, n=3, compute=None):
         for out in engine.step():
             if out.prompt_logprobs is not None:
                 assert out.request_id not in got  # delivered once
-                got[out.request_id] = (out.prompt_logprobs, out.prompt_depths)
+                got[out.request_id] = (out.prompt_logprobs, out.output.prompt_depths)
     return [got[f"r{i}"] for i in range(len(prompts))]
 
 
@@ -31,7 +31,7 @@ def test_prompt_logprobs_match_the_reference_forward(chunk):
         if len(prompt) < 2:
             continue
         with torch.no_grad():
-            ref = torch.log_softmax(engine.model(torch.tensor([prompt])).logits[0].float(), -1)
+            ref = torch.log_softmax(engine.ckpt.model(torch.tensor([prompt])).logits[0].float(), -1)
         for p, lp in enumerate(logprobs):
             assert lp.token_id == prompt[p + 1]
             assert lp.logprob == pytest.approx(float(ref[p, prompt[p + 1]]), abs=1e-4)
@@ -46,7 +46,7 @@ def test_prompt_logprobs_at_a_price_use_each_positions_exit():
     price = float(engine.ckpt.calibration.price_for_budget(0.5))
     ((logprobs, depths),) = run(engine, [prompt], n=0, compute=ComputeParams(exit_price=price))
     with torch.no_grad():
-        out = engine.model(torch.tensor([prompt]), ExitSpec(price=price))
+        out = engine.ckpt.model(torch.tensor([prompt]), ExitSpec(price=price))
     ref = torch.log_softmax(out.logits[0].float(), -1)
     assert depths == out.depth[0, :-1].tolist() and len(set(depths)) > 1
     assert [lp.logprob for lp in logprobs] == pytest.approx([float(ref[p, prompt[p + 1]]) for p in range(15)], abs=1e-4)

@@ -9,15 +9,10 @@ import pytest
 
 from runtime.config import ConfigError
 from runtime.engine.kv_blocks import BlockAllocator, NoFreeBlocks, cdiv
+from runtime.engine.outputs import FinishReason, ModelRunnerOutput, Sampled
+from runtime.engine.params import SamplingParams
 from runtime.engine.request import Request, RequestStatus
-from runtime.engine.scheduler import (
-    ModelRunnerOutput,
-    OverloadedError,
-    RequestTooLongError,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-)
+from runtime.engine.scheduler import OverloadedError, Scheduler, SchedulerConfig, SchedulerOutput
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +31,14 @@ def make_sched(**overrides) -> Scheduler:
 
 
 def make_req(rid: str, num_prompt: int, max_tokens: int, arrival: float = 0.0) -> Request:
-    return Request(rid, list(range(100, 100 + num_prompt)), max_tokens, arrival=arrival)
+    return Request(rid, list(range(100, 100 + num_prompt)), SamplingParams(max_tokens=max_tokens), arrival=arrival)
+
+
+def runner_output(sched: SchedulerOutput, sampled: dict[str, int], failed: dict[str, str] | None = None):
+    """What an executor returns: the sampled tokens, and depth 1 at every position run."""
+    failed = failed or {}
+    depths = {c.request_id: [1] * len(c.token_ids) for c in sched.scheduled if c.request_id not in failed}
+    return ModelRunnerOutput(sampled={rid: Sampled(t, 0.0) for rid, t in sampled.items()}, depths=depths, failed=failed)
 
 
 def next_token(req: Request) -> int:
@@ -51,12 +53,12 @@ def run_output(sched: Scheduler, out: SchedulerOutput, failed: dict[str, str] | 
         for c in out.scheduled
         if c.samples and c.request_id not in failed and sched.get_request(c.request_id) is not None
     }
-    return ModelRunnerOutput(sampled=sampled, failed=failed)
+    return runner_output(out, sampled, failed)
 
 
 def step(sched: Scheduler, failed: dict[str, str] | None = None):
     out = sched.schedule()
-    updates = sched.update_from_output(run_output(sched, out, failed))
+    updates = sched.update_from_output(out, run_output(sched, out, failed))
     return out, updates
 
 
@@ -82,13 +84,10 @@ def test_block_allocator():
     assert alloc.num_blocks_for(0) == 0 and alloc.num_blocks_for(16) == 1 and alloc.num_blocks_for(17) == 2
 
 
-def test_request_properties_and_validation():
-    r = Request("r", [1, 2, 3], max_tokens=2, output_token_ids=[7])
-    assert r.all_token_ids == [1, 2, 3, 7] and r.num_tokens == 4 and not r.is_finished
-    with pytest.raises(ValueError, match="empty prompt"):
-        Request("r", [], max_tokens=2)
-    with pytest.raises(ValueError, match="max_tokens=0"):
-        Request("r", [1], max_tokens=0)
+def test_request_properties():
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=2), output_token_ids=[7])
+    assert r.all_token_ids == [1, 2, 3, 7] and r.num_tokens == 4 and not r.is_finished and r.max_tokens == 2
+    assert RequestStatus.FINISHED_LENGTH.finish_reason is FinishReason.LENGTH and RequestStatus.RUNNING.finish_reason is None
 
 
 @pytest.mark.parametrize(
@@ -127,12 +126,12 @@ def test_single_request_prefill_then_decodes_to_max_tokens():
         assert chunk.token_ids == [1000 + i] and chunk.start_position == position and chunk.samples
         assert len(chunk.block_table) == cdiv(position + 1, 4)
         assert updates[0].new_token_ids == [1001 + i]
-    assert updates[0].finished and updates[0].status is RequestStatus.FINISHED_LENGTH
+    assert updates[0].finished and updates[0].finish_reason is FinishReason.LENGTH
     assert sched.allocator.num_free == 64 and not sched.has_unfinished() and sched.kv_usage() == 0.0
 
     out = sched.schedule()
     assert out.scheduled == [] and out.finished_ids == ["a"]
-    assert sched.update_from_output(ModelRunnerOutput()) == []
+    assert sched.update_from_output(out, ModelRunnerOutput()) == []
 
 
 def test_caller_finishes_on_stop_token():
@@ -302,7 +301,7 @@ def test_abort_between_schedule_and_update():
     out = sched.schedule()
     runner_out = run_output(sched, out)
     sched.abort("a")
-    updates = sched.update_from_output(runner_out)  # the executor already ran a; its token is dropped
+    updates = sched.update_from_output(out, runner_out)  # the executor already ran a; its token is dropped
     assert [u.request_id for u in updates] == ["b"]
     assert sched.allocator.num_used == 2 and sched.num_running == 1
 
@@ -313,13 +312,13 @@ def test_failed_requests_finish_with_error_and_free_blocks():
     sched.add_request(make_req("b", 20, 10))  # still in chunked prefill when it fails
     out, updates = step(sched, failed={"b": "CUDA error: out of memory"})
     assert not out.scheduled[1].samples
-    assert [(u.request_id, u.finished, u.status, u.error) for u in updates] == [
-        ("a", False, RequestStatus.RUNNING, None),
-        ("b", True, RequestStatus.FINISHED_ERROR, "CUDA error: out of memory"),
+    assert [(u.request_id, u.finished, u.finish_reason, u.error) for u in updates] == [
+        ("a", False, None, None),
+        ("b", True, FinishReason.ERROR, "CUDA error: out of memory"),
     ]
     assert sched.allocator.num_used == 1 and sched.get_request("b") is None
     _, updates = step(sched, failed={"a": "boom"})
-    assert updates[0].status is RequestStatus.FINISHED_ERROR and sched.allocator.num_used == 0
+    assert updates[0].finish_reason is FinishReason.ERROR and sched.allocator.num_used == 0
 
 
 def test_overloaded_at_waiting_limit():
@@ -334,30 +333,17 @@ def test_overloaded_at_waiting_limit():
         sched.add_request(make_req("c", 3, 3))
 
 
-def test_request_too_long():
-    sched = make_sched(max_model_len=32)
-    with pytest.raises(RequestTooLongError, match="max_model_len=32"):
-        sched.add_request(make_req("a", 30, 3))
-    sched = make_sched(num_kv_blocks=2, block_size=4, max_model_len=100)
-    with pytest.raises(RequestTooLongError, match="only 2"):
-        sched.add_request(make_req("a", 9, 1))
-    with pytest.raises(RequestTooLongError, match="KV blocks"):
-        sched.add_request(make_req("a", 5, 5))  # 9 positions hold KV: 3 blocks
-    sched.add_request(make_req("a", 5, 4))  # 8 positions: fits exactly
-    assert sched.num_waiting == 1
-
-
 def test_executor_contract_errors():
     sched = make_sched()
-    with pytest.raises(RuntimeError, match="without a schedule"):
-        sched.update_from_output(ModelRunnerOutput())
+    with pytest.raises(RuntimeError, match="last schedule"):
+        sched.update_from_output(SchedulerOutput(), ModelRunnerOutput())
     sched.add_request(make_req("a", 3, 3))
-    sched.schedule()
+    out = sched.schedule()
     with pytest.raises(RuntimeError, match="twice"):
         sched.schedule()
-    with pytest.raises(ValueError, match="no sampled token"):
-        sched.update_from_output(ModelRunnerOutput())
-    assert sched.update_from_output(ModelRunnerOutput(sampled={"a": 5}))[0].new_token_ids == [5]
+    with pytest.raises(ValueError, match="do not match the schedule"):
+        sched.update_from_output(out, ModelRunnerOutput())
+    assert sched.update_from_output(out, runner_output(out, {"a": 5}))[0].new_token_ids == [5]
 
 
 # ---------------------------------------------------------------------------- randomized invariants
@@ -399,12 +385,12 @@ def test_randomized_invariants(seed):
     for i in range(3000):
         arriving = i < 300
         for _ in range(rng.choice([0, 0, 1, 2]) if arriving else 0):
-            req = Request(f"r{len(everyone)}", [rng.randrange(50) for _ in range(rng.randint(1, 30))],
-                          max_tokens=rng.randint(1, 16), arrival=float(i))
+            req = Request(f"r{len(everyone)}", [rng.randrange(50) for _ in range(rng.randint(1, 24))],
+                          SamplingParams(max_tokens=rng.randint(1, 16)), arrival=float(i))
             try:
                 sched.add_request(req)
                 everyone[req.request_id] = req
-            except (OverloadedError, RequestTooLongError):
+            except OverloadedError:
                 num_refused += 1
         if arriving and sched.requests and rng.random() < 0.05:
             sched.abort(rng.choice(sorted(sched.requests)))
@@ -422,7 +408,7 @@ def test_randomized_invariants(seed):
         runner_out = run_output(sched, out, failed)
         if arriving and sched.requests and rng.random() < 0.03:
             sched.abort(rng.choice(sorted(sched.requests)))
-        for u in sched.update_from_output(runner_out):
+        for u in sched.update_from_output(out, runner_out):
             if not u.finished and rng.random() < 0.03:
                 sched.finish(u.request_id)
         check_invariants(sched)

@@ -1,16 +1,20 @@
 """Thought KV discard in the scheduler, with runner outputs built by hand (no model): whole blocks
 come back after every thought, chunks carry the right tokens and RoPE offsets, replays re-drop."""
 
+from runtime.engine.outputs import ModelRunnerOutput, Sampled
+from runtime.engine.params import SamplingParams
 from runtime.engine.request import Request
-from runtime.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig
+from runtime.engine.scheduler import Scheduler, SchedulerConfig
 
 THINK, END = 100, 101
 
 
 def step(sched: Scheduler, token_for: dict[str, int] | None = None, default: int = 7):
     out = sched.schedule()
-    sampled = {c.request_id: (token_for or {}).get(c.request_id, default) for c in out.scheduled if c.samples}
-    sched.update_from_output(ModelRunnerOutput(sampled=sampled))
+    sampled = {c.request_id: Sampled((token_for or {}).get(c.request_id, default), 0.0) for c in out.scheduled
+               if c.samples}
+    sched.update_from_output(out, ModelRunnerOutput(sampled=sampled, depths={c.request_id: [1] * len(c.token_ids)
+                                                                              for c in out.scheduled}))
     return out
 
 
@@ -30,7 +34,7 @@ def think(sched: Scheduler, rid: str, n_thoughts: int) -> tuple[int, int]:
 def test_every_thought_returns_whole_blocks_and_later_chunks_keep_their_positions():
     sched = Scheduler(SchedulerConfig(num_kv_blocks=32, max_model_len=128, block_size=4, max_num_batched_tokens=64,
                                       max_num_seqs=4))
-    sched.add_request(Request("a", list(range(6)), max_tokens=60))
+    sched.add_request(Request("a", list(range(6)), SamplingParams(max_tokens=60)))
     step(sched)  # prefill; samples token 6
     req = sched.get_request("a")
     for n_thoughts in (9, 13):  # two thoughts in one request
@@ -58,7 +62,7 @@ def test_every_thought_returns_whole_blocks_and_later_chunks_keep_their_position
 def test_a_preempted_request_replays_up_to_each_think_end_before_dropping_it():
     sched = Scheduler(SchedulerConfig(num_kv_blocks=64, max_model_len=128, block_size=4, max_num_batched_tokens=64,
                                       max_num_seqs=4))
-    sched.add_request(Request("a", list(range(5)), max_tokens=60))
+    sched.add_request(Request("a", list(range(5)), SamplingParams(max_tokens=60)))
     step(sched)
     req = sched.get_request("a")
     start, end = think(sched, "a", 6)

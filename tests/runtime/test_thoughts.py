@@ -46,7 +46,7 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams, 
             r["text"] += out.new_text
             r["reasoning"] += out.new_reasoning_text
             r["hidden"] += out.hidden
-            r["thoughts"] = out.num_thought_tokens
+            r["thoughts"] = out.output.num_thought_tokens
         if on_step:
             on_step(engine, outs)
     return results
@@ -88,7 +88,7 @@ def test_engine_matches_the_reference_forward_under_thought_kv(mode, kv_fill):
     requests = {f"r{i}": (p, sampling, ComputeParams(max_thought_tokens=c, thought_kv=mode))
                 for i, (p, c) in enumerate(zip(prompts, caps))}
     results = run(engine, requests)
-    model = engine.model
+    model = engine.ckpt.model
     for (prompt, _, compute), r in zip(requests.values(), results.values()):
         tokens = r["tokens"]
         assert END in tokens and r["thoughts"] == tokens.index(END) <= compute.max_thought_tokens

@@ -5,16 +5,12 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from runtime.engine.async_engine import AsyncEngine
-from server.app import ServerConfig, build_app
-from tests.runtime.test_engine import make_engine
+from tests.server.tiny_app import tiny_app
 
 
 @pytest.fixture(scope="module")
 def client():
-    engine = make_engine(max_waiting=64)
-    app = build_app(AsyncEngine(engine), engine.tokenizer,
-                    ServerConfig(model_name="tiny", max_depth=3, max_model_len=64, api_key=None))
+    _, _, app = tiny_app({"max_waiting": 64})
     with TestClient(app) as c:
         yield c
 
@@ -112,9 +108,7 @@ def test_models_health_version_tokenize_metrics(client):
 
 
 def test_api_key_is_enforced():
-    engine = make_engine()
-    app = build_app(AsyncEngine(engine), engine.tokenizer,
-                    ServerConfig(model_name="tiny", max_depth=3, max_model_len=64, api_key="sekrit"))
+    _, _, app = tiny_app(api_key="sekrit")
     with TestClient(app) as c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200

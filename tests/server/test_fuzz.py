@@ -10,15 +10,11 @@ import os
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from runtime.engine.async_engine import AsyncEngine
-from server.app import ServerConfig, build_app
-from tests.runtime.test_engine import make_engine
+from tests.server.tiny_app import tiny_app
 
 FUZZ_EXAMPLES = int(os.environ.get("PONDER_FUZZ_EXAMPLES", "40"))
 
-_engine = make_engine(max_waiting=64)
-_async_engine = AsyncEngine(_engine)
-app = build_app(_async_engine, _engine.tokenizer, ServerConfig(model_name="tiny", max_depth=3, max_model_len=64))
+_engine, _async_engine, app = tiny_app({"max_waiting": 64})
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -5,14 +5,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from runtime.engine.async_engine import AsyncEngine
-from server.app import ServerConfig, build_app
-from tests.runtime.test_engine import make_engine
+from tests.server.tiny_app import tiny_app
 
 
 def serve(**config):
-    engine = make_engine()
-    app = build_app(AsyncEngine(engine), engine.tokenizer, ServerConfig(model_name="tiny", max_depth=3, max_model_len=64, **config))
+    engine, _, app = tiny_app(**config)
     return engine, TestClient(app)
 
 
