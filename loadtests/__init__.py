@@ -1,1 +1,1 @@
-"""Ponder loadtests (see DESIGN.md section 1)."""
+"""Ponder loadtests: a black-box load generator over HTTP (it imports nothing of ours) and its report."""

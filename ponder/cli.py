@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from runtime.checkpoint import CheckpointError
+    from runtime.engine.core_client import EngineDeadError
     from runtime.engine.scheduler import OverloadedError
 
     try:
         args.func(args)
-    except (ValueError, OSError, CheckpointError, OverloadedError) as e:  # OSError: missing files, unreachable hub ids
+    except (ValueError, OSError, CheckpointError, OverloadedError, EngineDeadError) as e:  # OSError: missing files, unreachable hub ids
         print(f"ponder {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

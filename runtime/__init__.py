@@ -1,1 +1,1 @@
-"""Ponder runtime: the model, checkpoints and (later) the engine that serves them."""
+"""Ponder runtime: the model, checkpoints, and the engine that serves them (docs/architecture.md)."""

@@ -1,1 +1,1 @@
-"""Ponder server (see DESIGN.md section 1)."""
+"""Ponder server: the OpenAI-compatible HTTP API, Prometheus metrics and `ponder serve` (docs/architecture.md)."""

@@ -41,7 +41,7 @@ def build_server(args: argparse.Namespace):
     process keeps only the tokenizer (HTTP, tokenizing, detokenizing, output processing)."""
     from pathlib import Path
 
-    from runtime.checkpoint import load_tokenizer
+    from runtime.checkpoint import load_config, load_tokenizer
     from runtime.engine.async_llm import AsyncLLM
     from runtime.engine.core import EngineConfig
     from runtime.engine.core_client import MPCoreClient
@@ -53,6 +53,7 @@ def build_server(args: argparse.Namespace):
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, default_compute_budget=args.default_compute_budget,
         kv_cache_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks,
     )
+    load_config(args.model)  # a missing or broken checkpoint fails here, before a process starts
     client = MPCoreClient(args.model, args.device, args.dtype, engine_config, num_threads=args.threads)
     tokenizer, chat_template = load_tokenizer(args.model)
     engine = AsyncLLM(client, tokenizer)

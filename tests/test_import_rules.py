@@ -1,4 +1,4 @@
-"""Who may import whom (DESIGN section 1), read from the source of every .py file with `ast`.
+"""Who may import whom (docs/architecture.md, "Who imports whom"), read from the source of every .py file with `ast`.
 
 Imports inside functions count: a lazy import is still a dependency. Only `if TYPE_CHECKING:`
 blocks are skipped, since they never run.

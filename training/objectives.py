@@ -1,4 +1,4 @@
-"""Losses and the price controller (DESIGN section 3).
+"""Losses and the price controller (docs/architecture.md, "The model").
 
 - LM loss at each token's exit, plus deep supervision at sampled depths.
 - Exit/value-head regression onto the realised gain: on audit batches (forced full depth)

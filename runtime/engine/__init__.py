@@ -1,1 +1,2 @@
-"""The serving engine: request scheduling, paged KV block accounting and (later) the batched executor."""
+"""The serving engine: validation, the engine core (scheduler, executor, sampler), its process and client, and
+the output processor; docs/architecture.md walks one token through it."""

@@ -67,14 +67,14 @@ class MPCoreClient:
         first = self._receive(startup_timeout)
         if not isinstance(first, Ready):
             self._proc.join(5)
-            raise RuntimeError(f"the engine core failed to start: {getattr(first, 'message', first)}")
+            raise EngineDeadError(f"the engine core failed to start: {getattr(first, 'message', first)}")
         self.info: CoreInfo = first.info
         self.pid: int = first.pid
 
     def _receive(self, timeout: float | None = None) -> FromCore:
         if timeout is not None and not self._conn.poll(timeout):
             self._proc.kill()
-            raise RuntimeError(f"the engine core did not start within {timeout:.0f} s")
+            raise EngineDeadError(f"the engine core did not start within {timeout:.0f} s")
         try:
             return decode_from_core(self._conn.recv_bytes())
         except (EOFError, OSError):

@@ -16,7 +16,7 @@ from runtime.engine.ort_executor import OrtExecutor
 from runtime.engine.params import ComputeParams, SamplingParams
 from runtime.model import ExitSpec, PonderModel
 from tests.exporters.models import KV_FILLS, tiny_checkpoint
-from tests.runtime.test_executor_parity import run_chunked
+from tests.runtime.engine.test_executor_parity import run_chunked
 
 # A routed pool with a prelude and a coda exercises every graph kind.
 OVERRIDES = dict(schedule="routed", n_pool=3, max_depth=3, n_prelude=1)

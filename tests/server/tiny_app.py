@@ -4,7 +4,7 @@ from runtime.engine.async_llm import AsyncLLM
 from runtime.engine.core_client import InprocCoreClient
 from server.app import build_app
 from server.config import ServerConfig
-from tests.runtime.test_engine import make_engine
+from tests.runtime.engine.test_engine import make_engine
 
 
 def tiny_app(engine_kwargs: dict | None = None, **config):

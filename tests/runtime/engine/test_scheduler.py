@@ -14,7 +14,7 @@ from runtime.engine.params import SamplingParams
 from runtime.engine.request import Request, RequestStatus
 from runtime.engine.scheduler import OverloadedError, Scheduler, SchedulerConfig, SchedulerOutput
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def make_sched(**overrides) -> Scheduler:

@@ -7,7 +7,7 @@ import pytest
 from runtime.engine.async_llm import AsyncLLM
 from runtime.engine.core_client import InprocCoreClient
 from runtime.engine.params import ComputeParams, ParamError, SamplingParams
-from tests.runtime.test_engine import make_engine
+from tests.runtime.engine.test_engine import make_engine
 
 
 def make_async(**engine_kwargs) -> AsyncLLM:

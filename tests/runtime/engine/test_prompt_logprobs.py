@@ -5,7 +5,7 @@ import torch
 
 from runtime.engine.params import ComputeParams, SamplingParams
 from runtime.model import ExitSpec
-from tests.runtime.test_engine import make_engine
+from tests.runtime.engine.test_engine import make_engine
 
 
 def run(engine, prompts, n=3, compute=None):

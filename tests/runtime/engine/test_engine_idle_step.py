@@ -6,7 +6,7 @@ and every later step raised "schedule() called twice": the engine was wedged for
 """
 
 from runtime.engine.params import SamplingParams
-from tests.runtime.test_engine import drain, make_engine
+from tests.runtime.engine.test_engine import drain, make_engine
 
 
 def test_a_step_after_the_last_request_was_aborted_leaves_the_engine_working():
