@@ -41,7 +41,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         shaper.check_model(body.model)
-        shaper.log_unknown(body)
+        shaper.check_fields(body)
         prompts = shaper.prompts(body.prompt)
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 generates nothing; it is only meaningful with echo=true", param="max_tokens")
@@ -65,7 +65,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Response:
         shaper.check_model(body.model)
-        shaper.log_unknown(body)
+        shaper.check_fields(body)
         prompts = [shaper.chat_prompt(body.messages)]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = shaper.default_max_tokens(prompts, body.max_completion_tokens or body.max_tokens)

@@ -4,7 +4,7 @@ Only types are checked here; ranges are checked once, by the engine's parameters
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +34,13 @@ class _Common(_Body):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None  # token id (a string key in JSON) -> bias in [-100, 100]
+    # Identifiers OpenAI documents as having no effect on the output: accepted and unused.
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default"] | None = None  # one tier here
     # Ponder's compute parameters (the OpenAI SDK's extra_body).
     compute_budget: float | None = None
     min_depth: int | None = None
@@ -50,6 +56,8 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None  # refused unless it equals n (see NOT_IMPLEMENTED)
+    suffix: str | None = None
 
 
 class TextPart(BaseModel):
@@ -73,6 +81,41 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Refused unless left at their no-op value (see NOT_IMPLEMENTED).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    store: bool | None = None
+
+
+# Fields of OpenAI's schemas that Ponder does not implement, with the values that ask for nothing
+# (accepted) and why anything else is refused (HTTP 400 naming the field). Nothing is ignored silently.
+NOT_IMPLEMENTED: dict[str, tuple[tuple, str]] = {
+    "best_of": ((None,), "best_of is not supported; ask for n sequences and pick among them"),
+    "suffix": ((None, ""), "insertion (a suffix after the completion) is not supported by these models"),
+    "tools": ((None, []), "tool calling is not supported: no shipped model was trained for a tool-call format"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "parallel_tool_calls": ((None, False), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "response_format": ((None, {"type": "text"}), "structured outputs (json_object, json_schema) are not supported yet"),
+    "reasoning_effort": ((None,), "reasoning_effort is not supported yet; use compute_budget and max_thought_tokens"),
+    "verbosity": ((None,), "verbosity is not supported; use max_tokens"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "store": ((None, False), "stored completions are not supported"),
+}
 
 
 class TokenizeRequest(_Body):

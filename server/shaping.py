@@ -15,6 +15,7 @@ from runtime.engine.validation import CoreInfo, ValidRequest, Validator
 from server.chat import render_chat
 from server.config import ServerConfig
 from server.errors import APIError, api_error
+from server.protocol import NOT_IMPLEMENTED
 
 log = logging.getLogger("ponder.server")
 
@@ -32,7 +33,15 @@ class RequestShaper:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            "not_found_error", "model", "model_not_found")
 
-    def log_unknown(self, body) -> None:
+    def check_fields(self, body) -> None:
+        """Refuse what is asked but not implemented; log fields outside OpenAI's schema (as vLLM does)."""
+        for name, (no_op, why) in NOT_IMPLEMENTED.items():
+            if name in type(body).model_fields and getattr(body, name) not in no_op:
+                if name == "best_of" and body.best_of == body.n:
+                    continue  # best of n, all n returned: what n alone does
+                raise APIError(400, f"{name}: {why}", param=name)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
         if body.model_extra:
             log.warning("ignoring unknown request fields: %s", sorted(body.model_extra))
 
@@ -67,7 +76,7 @@ class RequestShaper:
                 ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens),
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                n=body.n,
+                n=body.n, logit_bias=dict(body.logit_bias or {}),
             )
         except ValueError as e:
             raise api_error(e) from e

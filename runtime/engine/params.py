@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (0: only the chosen token's)
     prompt_logprobs: int | None = None  # top-N logprobs of each prompt token given the ones before it
     n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +53,9 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "must be up to 16 non-empty strings"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and len(self.logit_bias) <= 1024
+             and all(isinstance(t, int) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+             "must map at most 1024 token ids to biases in [-100, 100]"),
         ]
         for name, ok, message in checks:
             if not ok:

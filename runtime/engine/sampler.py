@@ -25,6 +25,11 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
     """logits: (R, V) float; one row per request that samples this step."""
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
     logits = logits.float().clone()
+    bias = [(i, t, b) for i, row in enumerate(rows) for t, b in row.params.logit_bias.items()]
+    if bias:  # one scatter for the whole batch
+        at, ids, values = zip(*bias)
+        logits.index_put_((torch.tensor(at, device=logits.device), torch.tensor(ids, device=logits.device)),
+                          torch.tensor(values, device=logits.device), accumulate=True)
     for i, row in enumerate(rows):  # penalties need each row's history
         p = row.params
         if row.banned:

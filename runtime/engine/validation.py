@@ -72,8 +72,9 @@ class Validator:
             raise ParamError("prompt", "is empty; give at least one token")
         if any(not (isinstance(t, int) and 0 <= t < info.vocab_size) for t in prompt_token_ids):
             raise ParamError("prompt", f"has token ids outside the vocabulary [0, {info.vocab_size})")
-        if any(not 0 <= t < info.vocab_size for t in sampling.stop_token_ids):
-            raise ParamError("stop_token_ids", f"has token ids outside the vocabulary [0, {info.vocab_size})")
+        for name in ("stop_token_ids", "logit_bias"):
+            if any(not 0 <= t < info.vocab_size for t in getattr(sampling, name)):
+                raise ParamError(name, f"has token ids outside the vocabulary [0, {info.vocab_size})")
         self.check_fits(len(prompt_token_ids), sampling.max_tokens)
         budget = compute.compute_budget if compute.compute_budget is not None else info.default_compute_budget
         compute = replace(compute, compute_budget=budget, thought_kv=compute.thought_kv or info.thought_kv_modes[0],

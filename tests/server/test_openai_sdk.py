@@ -1,6 +1,8 @@
 """End to end: `ponder serve` on the embedded default model, driven by the official OpenAI SDK."""
 
+import json
 import signal
+import urllib.request
 
 import openai
 import pytest
@@ -33,6 +35,23 @@ def test_openai_sdk_chat_and_completions_with_compute_params(server):
         client.completions.create(model=model, prompt="x", extra_body={"compute_budget": 2})
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-9", prompt="x")
+
+
+def test_openai_sdk_logit_bias_and_refused_fields(server):
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    first = client.completions.create(model="austen-small", prompt="Anne", max_tokens=1, temperature=0)
+    request = urllib.request.Request(f"{base}/tokenize", json.dumps({"prompt": first.choices[0].text}).encode(),
+                                     {"Content-Type": "application/json"})
+    token = json.load(urllib.request.urlopen(request))["tokens"][0]
+    banned = client.completions.create(model="austen-small", prompt="Anne", max_tokens=1, temperature=0,
+                                       logit_bias={str(token): -100}, logprobs=0)
+    assert banned.choices[0].text != first.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="tool calling"):
+        client.chat.completions.create(model="austen-small", messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.completions.create(model="austen-small", prompt="Anne", stream_options={"include_usage": True})
 
 
 def test_sigterm_shuts_down_gracefully(server):
