@@ -20,6 +20,13 @@ TRAIN_DEFAULTS = {
                               model_overrides=dict(d_model=128, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
                                                    n_pool=2, max_depth=2, min_depth=2, max_seq_len=48,
                                                    exit_hidden=16))),
+    # The shell game (training/swap_task.py): 12 swaps of 5 cups, a thought token per swap; the same
+    # 2-layer dense transformer, trained with the discard mask on half the examples from step 0.
+    "swaps": ("tiny", dict(steps=5000, batch_size=64, lr=2e-3, warmup=100, audit_fraction=1.0, value_weight=0.0,
+                           ds_weight=0.0, log_every=25, save_every=250,
+                           model_overrides=dict(d_model=128, n_heads=4, n_kv_heads=2, n_prelude=0, n_coda=0,
+                                                n_pool=2, max_depth=2, min_depth=2, max_seq_len=48,
+                                                exit_hidden=16))),
     "austen": ("austen-small", dict(steps=800, batch_size=16, lr=2e-3, weight_decay=0.1, ds_depths=2,
                                     warmup=50, full_depth_steps=100, log_every=10, save_every=100)),
 }
@@ -32,6 +39,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="model preset (default per task)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a model config field, e.g. --set schedule='\"recurrent\"' --set max_depth=8")
+    p.add_argument("--task-option", action="append", default=[], metavar="FIELD=JSON",
+                   help="a keyword argument of the task's factory, e.g. --task-option n_swaps=16 "
+                        "--task-option discard_fraction=1.0")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -83,17 +93,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="eval", help="output prefix for .json and .png")
     e.set_defaults(func=run_eval)
 
-    t = sub.add_parser("eval-thoughts", help="addition accuracy at thought budgets 0, half and the trained length, "
-                                             "served by the engine under each thought KV mode; JSON and a PNG")
+    t = sub.add_parser("eval-thoughts", help="held-out accuracy of a thought task (addition, swaps) at thought budgets "
+                                             "0, half and the trained length, served by the engine under each "
+                                             "thought KV mode, with KV blocks and throughput; JSON and a PNG")
     t.add_argument("checkpoint")
     t.add_argument("--problems", type=int, default=1000, help="held-out problems to answer")
     t.add_argument("--max-num-seqs", type=int, default=64)
+    t.add_argument("--rounds", type=int, default=1, help="full-length runs per KV mode for the throughput comparison")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--out", default="results/thoughts", help="output prefix for .json and .png")
     t.set_defaults(func=run_eval_thoughts)
 
-    r = sub.add_parser("rl-thoughts", help="REINFORCE (TRICE-style) on the thought tokens of an addition checkpoint, "
-                                           "rewarded by the answer's log-likelihood")
+    r = sub.add_parser("rl-thoughts", help="REINFORCE (TRICE-style) on the thought tokens of a thought-task "
+                                           "checkpoint, rewarded by the answer's log-likelihood")
     r.add_argument("checkpoint")
     r.add_argument("--out", required=True, help="run directory; writes OUT/final and OUT/metrics.jsonl")
     r.add_argument("--steps", type=int, default=200)
@@ -112,7 +124,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE")
+            raise SystemExit(f"{pair!r}: expected FIELD=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -126,7 +138,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     preset, defaults = TRAIN_DEFAULTS[args.task]
     fields = dict(defaults, task=args.task, preset=args.preset or preset, seed=args.seed, device=args.device,
-                  model_overrides={**defaults.get("model_overrides", {}), **_parse_overrides(args.set)})
+                  model_overrides={**defaults.get("model_overrides", {}), **_parse_overrides(args.set)},
+                  task_options=_parse_overrides(args.task_option))
     for name in ("steps", "batch_size", "lr", "audit_fraction", "full_depth_steps", "gumbel_scale"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -138,7 +151,7 @@ def run_train(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    trainer = Trainer(TrainConfig(**fields), make_task(args.task), args.out)
+    trainer = Trainer(TrainConfig(**fields), make_task(args.task, **fields["task_options"]), args.out)
     print(f"model: {trainer.model.num_parameters():,} parameters, {trainer.model.cfg.schedule} schedule, "
           f"max_depth {trainer.model.cfg.max_depth}")
     trainer.fit(resume=not args.no_resume)
@@ -178,10 +191,11 @@ def _threads(n: int | None) -> None:
 def run_eval_thoughts(args: argparse.Namespace) -> None:
     from training.thought_eval import evaluate_thoughts
 
-    if args.problems < 1 or args.max_num_seqs < 1:
-        raise ValueError(f"--problems={args.problems} and --max-num-seqs={args.max_num_seqs} must be >= 1")
+    if args.problems < 1 or args.max_num_seqs < 1 or args.rounds < 1:
+        raise ValueError(f"--problems={args.problems}, --max-num-seqs={args.max_num_seqs} and --rounds={args.rounds} "
+                         f"must be >= 1")
     _threads(args.threads)
-    evaluate_thoughts(Path(args.checkpoint), args.problems, args.max_num_seqs, args.out)
+    evaluate_thoughts(Path(args.checkpoint), args.problems, args.max_num_seqs, args.out, args.rounds)
 
 
 def run_rl_thoughts(args: argparse.Namespace) -> None:

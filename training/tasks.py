@@ -185,7 +185,14 @@ def _addition_task(**kwargs) -> Task:
     return addition_task(**kwargs)
 
 
-TASKS = {"digits": digits_task, "modadd": modadd_task, "austen": austen_task, "addition": _addition_task}
+def _swap_task(**kwargs) -> Task:
+    from training.swap_task import swap_task  # it imports this module
+
+    return swap_task(**kwargs)
+
+
+TASKS = {"digits": digits_task, "modadd": modadd_task, "austen": austen_task, "addition": _addition_task,
+         "swaps": _swap_task}
 
 
 def make_task(name: str, **kwargs) -> Task:

@@ -63,3 +63,22 @@ def decode(model: PonderModel, prompts: Tensor, max_new_tokens: int, max_thought
         if bool(done.all()):
             break
     return Decoded(ids, count, torch.stack(logprobs, 1), torch.stack(forced_all, 1))
+
+
+@torch.no_grad()
+def held_out_accuracy(model: PonderModel, task, caps: list[int], discard: bool, num: int) -> dict[int, float]:
+    """Greedy exact-match accuracy of a ThoughtTask's held-out problems at each thought cap: the
+    visible output after `</think>` must be the answer and then `<eos>`."""
+    model.eval()
+    cfg = model.cfg
+    prompts, _, answer = task.parts(task.test_problems[:num])
+    out = {}
+    for cap in caps:
+        dec = decode(model, prompts, cap + answer.shape[1] + 3, cap, discard)
+        correct = 0
+        for row, y in zip(dec.ids[:, prompts.shape[1] :].tolist(), answer.tolist()):
+            if cfg.think_end_id in row:
+                visible = row[row.index(cfg.think_end_id) + 1 :]
+                correct += visible[: len(y) + 1] == y + [cfg.eos_id]
+        out[cap] = correct / len(prompts)
+    return out

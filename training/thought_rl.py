@@ -24,8 +24,8 @@ from tqdm import tqdm
 from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.model import PonderModel
 from runtime.thought_mask import thought_attention_mask
-from training.thought_decode import decode
-from training.thought_tasks import AdditionTask, addition_task, prompt_ids, thought_chain
+from training.thought_decode import decode, held_out_accuracy
+from training.thought_tasks import thought_task_for
 
 
 @dataclass
@@ -46,26 +46,6 @@ class RLConfig:
                              f"{self.samples} >= 2 (the baseline is the other samples' mean)")
         if self.thought_kv not in ("keep", "discard"):
             raise ValueError(f"thought_kv={self.thought_kv!r} must be 'keep' or 'discard'")
-
-
-@torch.no_grad()
-def held_out_accuracy(model: PonderModel, task: AdditionTask, caps: list[int], discard: bool, num: int) -> dict:
-    """Greedy exact-match accuracy on held-out problems at each thought cap (reference decoder)."""
-    model.eval()
-    n, cfg = task.n_digits, model.cfg
-    pairs = task.test_pairs[:num]
-    prompts = prompt_ids(pairs[:, 0], pairs[:, 1], n)
-    _, answer = thought_chain(pairs[:, 0], pairs[:, 1], n)
-    out = {}
-    for cap in caps:
-        dec = decode(model, prompts, cap + n + 4, cap, discard)
-        correct = 0
-        for row, y in zip(dec.ids[:, prompts.shape[1] :].tolist(), answer.tolist()):
-            if cfg.think_end_id in row:
-                visible = row[row.index(cfg.think_end_id) + 1 :]
-                correct += visible[: n + 2] == y + [cfg.eos_id]
-        out[cap] = correct / len(pairs)
-    return out
 
 
 def _sequences(ids: torch.Tensor, forced: torch.Tensor, answer: torch.Tensor, P: int, end_id: int, eos: int, pad: int):
@@ -97,11 +77,9 @@ def rl_finetune(checkpoint: Path, out: Path, rc: RLConfig) -> dict:
     model, cfg = ckpt.model, ckpt.config
     if rc.thought_kv not in cfg.thought_kv:
         raise ValueError(f"{checkpoint} was trained for thought_kv {cfg.thought_kv}, not {rc.thought_kv!r}")
-    if cfg.default_thought_tokens is None:
-        raise ValueError(f"{checkpoint} has no default_thought_tokens; is it an addition-with-thoughts checkpoint?")
-    n = cfg.default_thought_tokens
+    task = thought_task_for(cfg, checkpoint)
+    n = task.thought_len
     cap = n if rc.max_thought_tokens is None else rc.max_thought_tokens
-    task = addition_task(n_digits=n)
     discard = rc.thought_kv == "discard"
     caps = sorted({0, n // 2, n, cap})
     before = held_out_accuracy(model, task, caps, discard, rc.eval_problems)
@@ -113,11 +91,9 @@ def rl_finetune(checkpoint: Path, out: Path, rc: RLConfig) -> dict:
     bar = tqdm(range(rc.steps), desc="rl-thoughts", dynamic_ncols=True)
     for step in bar:
         gen = torch.Generator().manual_seed(rc.seed * 1_000_003 + step)
-        rows = torch.randint(len(task.train_pairs), (rc.batch_size,), generator=gen)
-        pairs = task.train_pairs[rows].repeat_interleave(K, 0)
-        prompts = prompt_ids(pairs[:, 0], pairs[:, 1], n)
+        problems = task.sample_train(rc.batch_size, gen).repeat_interleave(K, 0)
+        prompts, chain, answer = task.parts(problems)
         prompts = torch.cat([prompts, torch.full((len(prompts), 1), cfg.think_start_id)], 1)
-        chain, answer = thought_chain(pairs[:, 0], pairs[:, 1], n)
         model.eval()
         with torch.no_grad():
             dec = decode(model, prompts, cap + 2, cap, discard, temperature=1.0, generator=gen, stop_at_think_end=True)

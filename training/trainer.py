@@ -32,6 +32,7 @@ from training.tasks import IGNORE, Task
 @dataclass
 class TrainConfig:
     task: str = "digits"
+    task_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task's factory
     preset: str = "digits-routed"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     steps: int = 3000

@@ -29,8 +29,8 @@ def test_the_thought_chain_works_out_the_sum_digit_by_digit():
 def test_batches_cut_thoughts_without_loss_on_forced_ends_and_held_out_problems_stay_out():
     task = addition_task(n_digits=4, train_size=5000, test_size=200)
     keys = lambda p: set((p[:, 0] * 10**4 + p[:, 1]).tolist())  # noqa: E731
-    assert not keys(task.train_pairs) & (keys(task.test_pairs) | keys(task.valid_pairs))
-    ids, targets = task._batch(task.train_pairs[:3], torch.tensor([0, 2, 4]))
+    assert not keys(task.train_problems) & (keys(task.test_problems) | keys(task.valid_problems))
+    ids, targets = task._batch(task.train_problems[:3], torch.tensor([0, 2, 4]))
     P = task.prompt_len
     assert (targets[:, : P - 1] == IGNORE).all()  # no loss on the operands
     assert targets[0, P - 1] == THINK and ids[0, P + 1] == END_THINK and targets[0, P] == IGNORE  # forced at 0
@@ -80,7 +80,7 @@ def test_reference_decode_caps_thoughts_like_the_engine():
     from runtime.model import PonderModel
     model = PonderModel(ModelConfig.from_name("tiny", vocab_size=26, eos_id=EOS, pad_id=PAD, think_start_id=THINK,
                                               think_end_id=END_THINK)).eval()
-    prompts = torch.cat([prompt_ids(task.test_pairs[:, 0], task.test_pairs[:, 1], 3),
+    prompts = torch.cat([prompt_ids(task.test_problems[:, 0], task.test_problems[:, 1], 3),
                          torch.full((8, 1), THINK)], 1)
     with torch.no_grad():
         dec = decode(model, prompts, 6, 2, discard=True)
