@@ -100,6 +100,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--problems", type=int, default=1000, help="held-out problems to answer")
     t.add_argument("--max-num-seqs", type=int, default=64)
     t.add_argument("--rounds", type=int, default=1, help="full-length runs per KV mode for the throughput comparison")
+    t.add_argument("--reference", action="store_true",
+                   help="accuracy only, on the reference forward under both masks (also modes the engine refuses)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--out", default="results/thoughts", help="output prefix for .json and .png")
     t.set_defaults(func=run_eval_thoughts)
@@ -195,7 +197,12 @@ def run_eval_thoughts(args: argparse.Namespace) -> None:
         raise ValueError(f"--problems={args.problems}, --max-num-seqs={args.max_num_seqs} and --rounds={args.rounds} "
                          f"must be >= 1")
     _threads(args.threads)
-    evaluate_thoughts(Path(args.checkpoint), args.problems, args.max_num_seqs, args.out, args.rounds)
+    if args.reference:
+        from training.thought_eval import evaluate_reference
+
+        evaluate_reference(Path(args.checkpoint), args.problems, args.out)
+    else:
+        evaluate_thoughts(Path(args.checkpoint), args.problems, args.max_num_seqs, args.out, args.rounds)
 
 
 def run_rl_thoughts(args: argparse.Namespace) -> None:

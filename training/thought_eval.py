@@ -22,9 +22,11 @@ from tqdm import tqdm
 from runtime.checkpoint import load_checkpoint
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.params import ComputeParams, SamplingParams
+from training.thought_decode import held_out_accuracy
 from training.thought_tasks import ThoughtTask, thought_task_for
 
 BLOCK_SIZE = 4
+KV_PLOT_STEPS = 100
 
 
 def run_budget(engine: LLMEngine, task: ThoughtTask, problems: list[list[int]], cap: int, mode: str,
@@ -106,6 +108,27 @@ def evaluate_thoughts(checkpoint: Path, num_problems: int, max_num_seqs: int, ou
     return result
 
 
+def evaluate_reference(checkpoint: Path, num_problems: int, out: str) -> dict:
+    """Accuracy on the reference forward (training/thought_decode.py) under both thought KV masks,
+    whatever the checkpoint lists: how a model trained without the discard mask fares with it."""
+    ckpt = load_checkpoint(checkpoint)
+    task = thought_task_for(ckpt.config, checkpoint)
+    n = task.thought_len
+    caps = [0, n // 2, n]
+    accuracy = {mode: held_out_accuracy(ckpt.model, task, caps, mode == "discard", num_problems)
+                for mode in ("keep", "discard")}
+    print(f"{num_problems} held-out {task.name} problems on the reference forward; trained thought_kv "
+          f"{ckpt.config.thought_kv}")
+    print(f"{'mask':>8} " + " ".join(f"{'max_thought=' + str(c):>14}" for c in caps))
+    for mode, acc in accuracy.items():
+        print(f"{mode:>8} " + " ".join(f"{acc[c]:>14.3f}" for c in caps))
+    result = {"checkpoint": str(checkpoint), "task": task.name, "num_problems": num_problems,
+              "trained_thought_kv": ckpt.config.thought_kv, "accuracy": accuracy}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def compare_throughput(engine: LLMEngine, task: ThoughtTask, problems: list[list[int]], n: int, rounds: int,
                        runs: list[dict]) -> dict:
     """Full-length thoughts, keep against discard: answers/s per round (the first round is the table's)."""
@@ -137,25 +160,27 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, kv) = plt.subplots(1, 2, figsize=(11, 4))
-    modes = sorted({r["thought_kv"] for r in result["runs"]})
+    modes = [m for m in ("keep", "discard") if any(r["thought_kv"] == m for r in result["runs"])]
+    color = {"keep": "C0", "discard": "C1"}
     caps = sorted({r["max_thought_tokens"] for r in result["runs"]})
     width = 0.8 / len(modes)
     for j, mode in enumerate(modes):
         accs = [next(r["accuracy"] for r in result["runs"] if r["thought_kv"] == mode and r["max_thought_tokens"] == c)
                 for c in caps]
         bars = ax.bar([i + j * width for i in range(len(caps))], [100 * a for a in accs], width,
-                      label=f"thought_kv={mode}")
+                      label=f"thought_kv={mode}", color=color[mode])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(caps))], [str(c) for c in caps])
     ax.set_xlabel("max_thought_tokens (trained length %d)" % result["trained_thought_tokens"])
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"{result['task']}, {result['num_problems']} held-out problems")
     ax.legend()
-    for mode, trace in result["kv_trace"].items():
-        kv.plot([100 * u for u in trace], label=f"thought_kv={mode}")
-    kv.set_xlabel("engine step")
+    for mode in modes:  # the first few waves of requests; the rest repeat them
+        trace = result["kv_trace"].get(mode, [])[:KV_PLOT_STEPS]
+        kv.plot([100 * u for u in trace], label=f"thought_kv={mode}", color=color[mode])
+    kv.set_xlabel(f"engine step (first {KV_PLOT_STEPS})")
     kv.set_ylabel("KV blocks in use (%)")
-    kv.set_title(f"KV usage at max_num_seqs={result['max_num_seqs']} (max_thought_tokens = trained)")
+    kv.set_title(f"KV in use, max_num_seqs={result['max_num_seqs']}, full thoughts")
     kv.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -82,3 +82,12 @@ def test_eval_thoughts_serves_the_checkpoint_and_discard_holds_fewer_blocks(tmp_
     assert full["discard"]["mean_blocks"] < full["keep"]["mean_blocks"]
     assert len(result["throughput"]["answers_per_s"]) == 2
     assert json.loads((tmp_path / "t.json").read_text())["task"] == "swaps" and (tmp_path / "t.png").is_file()
+
+
+def test_the_reference_table_shows_why_addition_think_is_not_the_discard_checkpoint(tmp_path):
+    from training.thought_eval import evaluate_reference
+
+    result = evaluate_reference(CHECKPOINT.parent / "addition-think", 100, str(tmp_path / "r"))
+    acc = result["accuracy"]
+    assert acc["keep"][6] >= 0.9 and acc["discard"][6] < 0.3  # every answer digit was a thought token
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["keep"]["6"] == acc["keep"][6]
