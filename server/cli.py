@@ -28,7 +28,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (overrides --kv-cache-gib)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may still run before they are aborted")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
+    s.add_argument("--max-stream-buffer", type=int, default=256,
+                   help="outputs a stream may hold unread before its request is aborted (a stuck client)")
     s.add_argument("--chat-template", help="a Jinja chat template (or a file holding one) over `messages`, "
                                           "for checkpoints whose tokenizer has none")
     s.add_argument("--threads", type=int, help="torch threads of the engine core (default: torch's choice)")
@@ -56,10 +61,10 @@ def build_server(args: argparse.Namespace):
     load_config(args.model)  # a missing or broken checkpoint fails here, before a process starts
     client = MPCoreClient(args.model, args.device, args.dtype, engine_config, num_threads=args.threads)
     tokenizer, chat_template = load_tokenizer(args.model)
-    engine = AsyncLLM(client, tokenizer)
+    engine = AsyncLLM(client, tokenizer, max_buffered_outputs=args.max_stream_buffer)
     config = ServerConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout,
         chat_template=_read_template(args.chat_template) or chat_template,
     )
     return build_app(engine, tokenizer, config), engine
@@ -78,26 +83,20 @@ def run_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from server.lifecycle import DrainingServer
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, engine = build_server(args)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=15))
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5), engine, args.shutdown_timeout)
 
     @app.on_event("startup")
-    async def _watch_core() -> None:  # as vLLM does: when the engine core dies, the server exits non-zero
-        async def watch() -> None:
-            while engine.dead is None and engine.client.is_alive():
-                await asyncio.sleep(0.2)
-            engine.mark_dead(engine.dead or "the engine core process exited")
-            await asyncio.sleep(1.0)  # in-flight requests get their error; /health says 503 meanwhile
-            server.should_exit = True
-
-        app.state.core_watch = asyncio.get_running_loop().create_task(watch())
+    async def _supervise() -> None:
+        app.state.supervisor = asyncio.get_running_loop().create_task(server.supervise())
 
     @app.on_event("shutdown")
-    def _drain() -> None:  # SIGTERM: stop taking requests, finish or abort in-flight ones
-        if engine.dead is None:
-            engine.shutdown(timeout=10.0)
+    async def _close() -> None:
+        await server.close_engine()
 
     server.run()
     if engine.dead is not None:

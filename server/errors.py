@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from runtime.engine.async_llm import EngineShuttingDownError
+from runtime.engine.async_llm import ClientTooSlowError, EngineShuttingDownError
 from runtime.engine.core_client import EngineDeadError
 from runtime.engine.params import ParamError
 from runtime.engine.scheduler import OverloadedError
@@ -42,6 +42,8 @@ def api_error(e: Exception) -> APIError:
                         "overloaded_error", code="429", headers={"Retry-After": "1"})
     if isinstance(e, EngineShuttingDownError):
         return APIError(503, str(e), "service_unavailable", code="503", headers={"Retry-After": "5"})
+    if isinstance(e, ClientTooSlowError):
+        return APIError(408, str(e), "timeout_error", code="408")
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), "engine_dead_error", code="503")
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error", code="500")

@@ -1,14 +1,19 @@
-"""API key and body size limits, as plain ASGI middleware."""
+"""API key, body size and body-read time limits, as plain ASGI middleware."""
 
 from __future__ import annotations
+
+import asyncio
 
 from server.config import ServerConfig
 from server.errors import APIError
 
 
 class Guard:
-    """API key and body size limits, as plain ASGI middleware: unlike @app.middleware("http"), it adds
-    no task or stream hop to each chunk of a streamed response."""
+    """API key, body size and body-read time limits, as plain ASGI middleware: unlike
+    @app.middleware("http"), it adds no task or stream hop to each chunk of a streamed response.
+
+    A POST body is read here whole (it is at most max_body_bytes), within body_timeout_s: a client
+    that sends its body a byte a second gets a 408 and holds nothing of the engine's."""
 
     def __init__(self, app, config: ServerConfig) -> None:
         self.app, self.config = app, config
@@ -25,23 +30,32 @@ class Guard:
         if size.isdigit() and int(size) > config.max_body_bytes:
             return await APIError(413, f"request body of {size} bytes exceeds {config.max_body_bytes}").response()(
                 scope, receive, send)
-        if b"content-length" in headers or scope["method"] != "POST":
+        if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        chunks, received = [], 0  # chunked: count while reading, then hand the body on
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            received += len(message.get("body", b""))
-            if received > config.max_body_bytes:
-                return await APIError(413, f"request body exceeds {config.max_body_bytes} bytes").response()(
-                    scope, receive, send)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), config.body_timeout_s)
+        except asyncio.TimeoutError:
+            body = APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s", "timeout_error")
+        if isinstance(body, APIError):
+            return await body.response()(scope, receive, send)
+        if body is None:
+            return  # the client went away
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> bytes | APIError | None:
+        chunks, received, limit = [], 0, self.config.max_body_bytes
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            received += len(message.get("body", b""))
+            if received > limit:
+                return APIError(413, f"request body exceeds {limit} bytes")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)

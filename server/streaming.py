@@ -35,7 +35,9 @@ class RequestRun:
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sequence index, output) in arrival order. Engine errors raise as APIError."""
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded, so a stream nobody reads backs up into the engine's per-request buffer, whose
+        # limit aborts the request (AsyncLLM.max_buffered_outputs) instead of growing memory here.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=4 * len(self.seqs))
         base = f"req-{next(_ids)}-{uuid.uuid4().hex[:8]}"
 
         async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:

@@ -29,15 +29,25 @@ class EngineShuttingDownError(RuntimeError):
     """The server is draining and takes no new requests (HTTP 503)."""
 
 
+class ClientTooSlowError(RuntimeError):
+    """A stream's consumer stopped reading; its request was aborted to free the engine (HTTP 408)."""
+
+
 class AsyncLLM:
-    def __init__(self, client: InprocCoreClient | MPCoreClient, tokenizer) -> None:
+    def __init__(self, client: InprocCoreClient | MPCoreClient, tokenizer, max_buffered_outputs: int = 256) -> None:
+        """max_buffered_outputs: outputs a request's consumer may leave unread; past it the request is
+        aborted and its KV freed (a stuck client must not hold the engine or grow memory)."""
+        if max_buffered_outputs < 1:
+            raise ValueError(f"max_buffered_outputs={max_buffered_outputs} must be >= 1")
         self.client, self.info = client, client.info
+        self.max_buffered_outputs = max_buffered_outputs
         self.validator = Validator(client.info)
         self.processor = OutputProcessor(tokenizer)
         self._lock = threading.Lock()  # the processor and the queues: event loop and client thread
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = CoreStats(block_steps=[0] * client.info.n_pool)
         self._num_unadmitted = 0  # sent but not yet seen in the core's stats: counts toward max_waiting
+        self._too_slow: list[str] = []  # aborted for unread outputs during the last delivery
         self.dead: str | None = None  # why the core is gone
         self.stopping = False
         client.start(self._on_message)
@@ -95,6 +105,7 @@ class AsyncLLM:
                 self._stats, self._num_unadmitted = message.stats, 0
                 outputs, stopped = self.processor.process(message.outputs)
                 self._deliver([(out.request_id, out) for out in outputs], [out.finished for out in outputs])
+                stopped, self._too_slow = stopped + self._too_slow, []
             if stopped:
                 self.client.send(Abort(stopped))
         elif isinstance(message, Refused):
@@ -120,7 +131,14 @@ class AsyncLLM:
         """Hand items to their requests' queues, waking each event loop once, not once per item."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (rid, item), done in zip(items, finished):
-            target = self._queues.pop(rid, None) if done else self._queues.get(rid)
+            target = self._queues.get(rid)
+            if target is not None and not done and target[1].qsize() >= self.max_buffered_outputs:
+                self.processor.abort(rid)  # nobody reads it: free the engine, end the stream with an error
+                self._too_slow.append(rid)
+                item, done = ClientTooSlowError(f"the client left {target[1].qsize()} outputs unread; request "
+                                                f"aborted"), True
+            if done:
+                self._queues.pop(rid, None)
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, batch in by_loop.items():
@@ -133,8 +151,8 @@ class AsyncLLM:
 
     def health(self) -> dict:
         s = self._stats
-        healthy = self.dead is None and self.client.is_alive()
-        return {"healthy": healthy, "error": self.dead, "engine_core_pid": self.client.pid,
+        healthy = self.dead is None and self.client.is_alive() and not self.stopping
+        return {"healthy": healthy, "error": self.dead, "draining": self.stopping, "engine_core_pid": self.client.pid,
                 "num_running": s.num_running, "num_waiting": s.num_waiting, "kv_cache_usage": s.kv_cache_usage}
 
     def stats(self) -> dict:
@@ -146,6 +164,17 @@ class AsyncLLM:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
+    def abort_all(self) -> int:
+        """End every request in flight with finish_reason "abort" (and free its KV); returns how many."""
+        with self._lock:
+            ids = list(self._queues)
+            ended = [(rid, RequestOutput(rid, seq, finish_reason=FinishReason.ABORT))
+                     for rid in ids if (seq := self.processor.abort(rid)) is not None]
+            self._deliver(ended, [True] * len(ended))
+        if ids:
+            self.client.send(Abort(ids))
+        return len(ids)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop taking requests, let running ones finish for up to `timeout` s, abort the rest, and
         stop the core."""
@@ -153,13 +182,7 @@ class AsyncLLM:
         deadline = time.monotonic() + timeout
         while self._queues and self.dead is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        with self._lock:  # past the deadline: each ends with finish_reason "abort"
-            ids = list(self._queues)
-            ended = [(rid, RequestOutput(rid, seq, finish_reason=FinishReason.ABORT))
-                     for rid in ids if (seq := self.processor.abort(rid)) is not None]
-            self._deliver(ended, [True] * len(ended))
-        if ids:
-            self.client.send(Abort(ids))
+        self.abort_all()
         self.client.close()
 
 

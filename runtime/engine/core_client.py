@@ -64,6 +64,7 @@ class MPCoreClient:
         self._proc.start()
         child.close()  # so the pipe reports EOF when the child dies
         self._send_lock = threading.Lock()
+        self._closing = False
         first = self._receive(startup_timeout)
         if not isinstance(first, Ready):
             self._proc.join(5)
@@ -85,6 +86,8 @@ class MPCoreClient:
         def read() -> None:
             while True:
                 message = self._receive()
+                if isinstance(message, Failed) and self._closing:
+                    return  # the exit we asked for
                 handler(message)
                 if isinstance(message, Failed):
                     return
@@ -102,6 +105,7 @@ class MPCoreClient:
         return self._proc.is_alive()
 
     def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
         self.send(Shutdown())
         self._proc.join(timeout)
         if self._proc.is_alive():

@@ -98,3 +98,32 @@ def test_requests_arriving_during_a_step_wait_in_the_inbox_not_on_the_event_loop
         time.sleep(0.01)
     assert core.scheduler.num_running == 0 and not core.has_unfinished()
     engine.shutdown()
+
+
+def test_a_stream_nobody_reads_is_aborted_at_its_buffer_limit_and_frees_its_kv():
+    engine = make_async(max_num_seqs=4)
+    engine.max_buffered_outputs = 4
+    core = engine.client.core
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def main():
+        stuck = engine.generate("stuck", engine.validate([1, 2, 3], params))
+        other = engine.generate("other", engine.validate([4, 5, 6], params))
+        other_tokens = [t async for out in other for t in out.new_token_ids]  # read; never the stuck one
+        deadline = time.monotonic() + 5
+        while core.has_unfinished() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        unfinished = core.has_unfinished()
+        got, error = [], None
+        try:
+            async for out in stuck:
+                got += out.new_token_ids
+        except Exception as e:
+            error = e
+        return other_tokens, unfinished, got, error
+
+    other_tokens, unfinished, got, error = asyncio.run(main())
+    assert len(other_tokens) == 40  # the stuck stream held nobody else up
+    assert not unfinished and core.scheduler.kv_usage() == 0
+    assert 4 <= len(got) < 40 and "unread" in str(error)
+    engine.shutdown()
