@@ -53,14 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server_with(model: str, threads: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A `ponder serve` subprocess on a free loopback port, once /health answers: (process, base URL)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", model, "--port", str(port), "--device", "cpu",
-           "--threads", str(threads), "--log-level", "warning"]
+           "--threads", str(threads), "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(480):
@@ -188,7 +189,7 @@ async def run(args: argparse.Namespace, base: str, server_pid: int, core_pid: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    proc, base = start_server(args.model, args.threads)
+    proc, base = start_server_with(args.model, args.threads)
     try:
         core_pid = json.load(urllib.request.urlopen(f"{base}/health"))["engine_core_pid"]
         result = asyncio.run(run(args, base, proc.pid, core_pid))
