@@ -88,6 +88,7 @@ class CompletionShape:
 @dataclass
 class ChatShape(CompletionShape):
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    started: set[int] = field(default_factory=set)  # choices whose first chunk went out
 
     def _logprobs(self, logprobs, token_ids, depths, hidden) -> dict | None:
         if not self.logprobs:
@@ -115,7 +116,8 @@ class ChatShape(CompletionShape):
         delta = {"content": out.new_text}
         if self.include_thoughts and out.new_reasoning_text:
             delta["reasoning_content"] = out.new_reasoning_text
-        if len(seq.token_ids) == len(out.new_token_ids):
+        if seq.index not in self.started:  # the first chunk of each choice names the role
+            self.started.add(seq.index)
             delta["role"] = "assistant"
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": seq.index, "delta": delta,

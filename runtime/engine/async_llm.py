@@ -66,9 +66,10 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine core is dead: {self.dead}")
         if self.stopping:
             raise EngineShuttingDownError("the server is shutting down; retry on another replica")
-        max_waiting = self.info.max_waiting
-        if self._stats.num_waiting + self._num_unadmitted >= max_waiting:
-            raise OverloadedError(f"{max_waiting} requests are already waiting (max_waiting={max_waiting})")
+        info, s = self.info, self._stats
+        if s.num_running + s.num_waiting + self._num_unadmitted >= info.max_num_seqs + info.max_waiting:
+            raise OverloadedError(f"{s.num_running} requests are running and {s.num_waiting + self._num_unadmitted} "
+                                  f"waiting (max_num_seqs={info.max_num_seqs}, max_waiting={info.max_waiting})")
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self.processor.add_request(request_id, valid, index)

@@ -74,6 +74,7 @@ class EngineCore:
             eos_id=cfg.eos_id, think_start_id=cfg.think_start_id, think_end_id=cfg.think_end_id,
             default_thought_tokens=cfg.default_thought_tokens, thought_kv_modes=list(cfg.thought_kv),
             max_model_len=max_len, num_kv_blocks=num_blocks, block_size=block, max_waiting=self.config.max_waiting,
+            max_num_seqs=self.config.max_num_seqs,
             default_compute_budget=self.config.default_compute_budget,
         )
 

@@ -56,7 +56,9 @@ class SchedulerConfig:
     block_size: int = 16
     """Token positions per KV block."""
     max_waiting: int = 256
-    """Most requests queued; past it `add_request` refuses at once with `OverloadedError`."""
+    """Most requests queued beyond the free running slots (0: none, a request is taken only into a free
+    slot); past it `add_request` refuses at once with `OverloadedError`. The queue is what admitted
+    requests wait behind: a short one keeps their latency near its value at capacity under overload."""
     long_prefill_token_threshold: int = 512
     """Largest prefill chunk one request runs per step; longer prompts are split."""
 
@@ -67,12 +69,13 @@ class SchedulerConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "block_size",
-            "max_waiting",
             "long_prefill_token_threshold",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ConfigError(f"max_waiting={self.max_waiting!r} must be an integer >= 0")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={self.max_num_seqs}, "
@@ -128,16 +131,17 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         """Queue a new (validated) request, or refuse it at once with `OverloadedError` when
-        `max_waiting` requests are already waiting."""
+        `max_waiting` requests already wait beyond the free running slots."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; give each request a unique id")
         if req.status is not RequestStatus.WAITING or req.block_table or req.num_computed_tokens or req.discard_spans:
             raise ValueError(f"request {req.request_id!r} is not fresh (status {req.status.name}); add a new Request")
         assert self.allocator.num_blocks_for(req.num_tokens + req.max_tokens - 1) <= self.config.num_kv_blocks, \
             f"request {req.request_id!r} can never fit the KV cache; the Validator should have refused it"
-        if len(self.waiting) >= self.config.max_waiting:
-            raise OverloadedError(f"{len(self.waiting)} requests are already waiting "
-                                  f"(max_waiting={self.config.max_waiting})")
+        cfg = self.config
+        if len(self.waiting) + len(self.running) >= cfg.max_num_seqs + cfg.max_waiting:
+            raise OverloadedError(f"{len(self.running)} requests are running and {len(self.waiting)} waiting "
+                                  f"(max_num_seqs={cfg.max_num_seqs}, max_waiting={cfg.max_waiting})")
         self.requests[req.request_id] = req
         self.waiting.append(req)
 

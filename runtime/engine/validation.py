@@ -36,6 +36,7 @@ class CoreInfo:
     max_model_len: int
     num_kv_blocks: int
     block_size: int
+    max_num_seqs: int
     max_waiting: int
     default_compute_budget: float
 

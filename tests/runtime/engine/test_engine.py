@@ -120,7 +120,7 @@ def test_stop_strings_stop_ids_min_tokens_and_eos():
 
 
 def test_abort_failure_and_overload_free_every_block():
-    engine = make_engine(max_waiting=4)
+    engine = make_engine(max_num_seqs=2, max_waiting=2)  # 2 running and 2 waiting at most
     for i in range(4):
         engine.add_request(f"r{i}", list(range(10)), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     with pytest.raises(OverloadedError):

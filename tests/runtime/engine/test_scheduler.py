@@ -95,7 +95,7 @@ def test_request_properties():
     [
         (dict(num_kv_blocks=0), "num_kv_blocks=0"),
         (dict(block_size=-1), "block_size=-1"),
-        (dict(max_waiting=0), "max_waiting=0"),
+        (dict(max_waiting=-1), "max_waiting=-1"),
         (dict(long_prefill_token_threshold=0), "long_prefill_token_threshold=0"),
         (dict(max_num_seqs=32, max_num_batched_tokens=16), "raise max_num_batched_tokens"),
     ],
@@ -321,16 +321,26 @@ def test_failed_requests_finish_with_error_and_free_blocks():
     assert updates[0].finish_reason is FinishReason.ERROR and sched.allocator.num_used == 0
 
 
-def test_overloaded_at_waiting_limit():
-    sched = make_sched(max_waiting=2)
-    sched.add_request(make_req("a", 3, 3))
-    sched.add_request(make_req("b", 3, 3))
-    with pytest.raises(OverloadedError, match="max_waiting=2"):
-        sched.add_request(make_req("c", 3, 3))
-    step(sched)  # both admitted, so the queue has room again
-    sched.add_request(make_req("c", 3, 3))
+def test_overloaded_past_the_free_slots_plus_max_waiting():
+    sched = make_sched(max_num_seqs=2, max_waiting=1)
+    for rid in "abc":  # two take the free slots, one waits
+        sched.add_request(make_req(rid, 3, 3))
+    with pytest.raises(OverloadedError, match="max_waiting=1"):
+        sched.add_request(make_req("d", 3, 3))
+    step(sched)  # a and b run, c still waits: the queue is full
+    with pytest.raises(OverloadedError):
+        sched.add_request(make_req("d", 3, 3))
+    for _ in range(3):
+        step(sched)  # a and b finish (max_tokens 3): their slots free up
+    sched.add_request(make_req("d", 3, 3))
     with pytest.raises(ValueError, match="already in use"):
-        sched.add_request(make_req("c", 3, 3))
+        sched.add_request(make_req("d", 3, 3))
+
+    no_queue = make_sched(max_num_seqs=2, max_waiting=0)  # only into a free slot
+    no_queue.add_request(make_req("a", 3, 3))
+    no_queue.add_request(make_req("b", 3, 3))
+    with pytest.raises(OverloadedError, match="max_waiting=0"):
+        no_queue.add_request(make_req("c", 3, 3))
 
 
 def test_executor_contract_errors():
