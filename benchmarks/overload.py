@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/overload.json")
     args = p.parse_args(argv)
-    if args.max_num_seqs < 1 or args.max_waiting < 1 or not 0 < args.seconds <= 600 or any(x <= 0 for x in args.loads):
-        p.error("--max-num-seqs and --max-waiting must be >= 1, --seconds in (0, 600], --loads > 0")
+    if args.max_num_seqs < 1 or args.max_waiting < 0 or not 0 < args.seconds <= 600 or any(x <= 0 for x in args.loads):
+        p.error("--max-num-seqs must be >= 1, --max-waiting >= 0, --seconds in (0, 600], --loads > 0")
     return args
 
 
