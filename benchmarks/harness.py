@@ -83,8 +83,9 @@ class EngineRun:
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int | list[int],
-               compute: ComputeParams) -> EngineRun:
-    """Greedy requests (ignore_eos, so each yields exactly its max_tokens) stepped until all finish.
+               compute: ComputeParams, sampling: list[SamplingParams] | None = None) -> EngineRun:
+    """Greedy requests (ignore_eos, so each yields exactly its max_tokens) stepped until all finish;
+    `sampling` replaces them, one per prompt (max_tokens is then theirs).
 
     A step counts as decode when every unfinished request already had its first token before it,
     that is, when the step runs no prompt. Its batched core calls and fill-only calls come from
@@ -99,8 +100,9 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int | li
     decode = {"tokens": 0, "seconds": 0.0, "steps": 0, "calls": 0, "fills": 0}
     executor = engine.executor
     start = time.perf_counter()
-    for rid, p, n in zip(ids, prompts, counts, strict=True):
-        engine.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), compute)
+    sampling = sampling or [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
+    for rid, p, params in zip(ids, prompts, sampling, strict=True):
+        engine.add_request(rid, p, params, compute)
     unfinished = set(ids)
     while unfinished:
         all_decode = all(tokens[i] for i in unfinished)

@@ -58,7 +58,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
             if len(texts) != len(prompts):  # one prompt given as token ids
                 texts = [None]
             echoed = [t if t is not None else tokenizer.decode(ids) for t, ids in zip(texts, prompts) for _ in range(body.n)]
-        shape = CompletionShape(config.model_name, tokenizer, body.logprobs is not None, body.include_thoughts,
+        shape = CompletionShape(config.model_name, tokenizer, body.logprobs is not None, compute.include_thoughts,
                                 echoed=echoed, echo_only=echo_only)
         return await respond(run(seqs, prompts), shape, body.stream, include_usage(body), info.max_depth)
 
@@ -71,7 +71,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
         max_tokens = shaper.default_max_tokens(prompts, body.max_completion_tokens or body.max_tokens)
         sampling, compute = shaper.params(body, max_tokens, logprobs)
         seqs = shaper.sequences(prompts, sampling, compute)
-        shape = ChatShape(config.model_name, tokenizer, body.logprobs, body.include_thoughts)
+        shape = ChatShape(config.model_name, tokenizer, body.logprobs, compute.include_thoughts)
         return await respond(run(seqs, prompts), shape, body.stream, include_usage(body), info.max_depth)
 
     @app.get("/v1/models")

@@ -49,6 +49,19 @@ class _Common(_Body):
     max_thought_tokens: int | None = None
     include_thoughts: bool = False
     thought_kv: str | None = None
+    # Reasoning, as OpenAI and vLLM clients send it: reasoning_effort sets compute_budget and the thought
+    # cap (runtime/engine/params.py: REASONING_EFFORT); thinking_token_budget is max_thought_tokens and
+    # include_reasoning=true is include_thoughts.
+    reasoning_effort: str | None = None
+    thinking_token_budget: int | None = None
+    include_reasoning: bool | None = None
+    # Structured outputs: OpenAI's response_format, and vLLM's extras (at most one of them).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # {"json": schema} | {"regex": ...} | {"choice": [...]}
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # refused (see NOT_IMPLEMENTED)
 
 
 class CompletionRequest(_Common):
@@ -87,8 +100,6 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
@@ -107,8 +118,8 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple, str]] = {
     "parallel_tool_calls": ((None, False), "tool calling is not supported"),
     "functions": ((None, []), "function calling is not supported"),
     "function_call": ((None, "none"), "function calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "structured outputs (json_object, json_schema) are not supported yet"),
-    "reasoning_effort": ((None,), "reasoning_effort is not supported yet; use compute_budget and max_thought_tokens"),
+    "guided_grammar": ((None, ""), "grammars (EBNF, Lark) are not supported; use guided_json, guided_regex or "
+                                   "guided_choice"),
     "verbosity": ((None,), "verbosity is not supported; use max_tokens"),
     "modalities": ((None, ["text"]), "only text output is supported"),
     "audio": ((None,), "audio output is not supported"),

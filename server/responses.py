@@ -42,7 +42,7 @@ class CompletionShape:
     model: str
     tokenizer: Tokenizer
     logprobs: bool  # the request asked for logprobs (each token's exit depth comes with them)
-    include_thoughts: bool = False  # reasoning_content, and logprobs of thought tokens
+    include_thoughts: bool = False  # reasoning (and reasoning_content, its older name), and logprobs of thought tokens
     echoed: list[str] | None = None  # with echo: the prompt text of each choice, prepended to it
     echo_only: bool = False  # echo with max_tokens=0
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
@@ -51,7 +51,7 @@ class CompletionShape:
     def _choice(self, seq: CompletionOutput, text: str, reasoning: str, token_ids, depths, logprobs, hidden, finish) -> dict:
         choice = {"index": seq.index, "text": text, "finish_reason": finish, "logprobs": None}
         if self.include_thoughts:
-            choice["reasoning_content"] = reasoning
+            choice["reasoning"] = choice["reasoning_content"] = reasoning
         if self.logprobs:
             token_ids, depths, logprobs = _shown(self.include_thoughts, hidden, token_ids, depths, logprobs)
             choice["logprobs"] = _logprobs_block(logprobs, token_ids, depths, self.tokenizer)
@@ -109,13 +109,13 @@ class ChatShape(CompletionShape):
     def _message(self, seq: CompletionOutput) -> dict:
         message = {"role": "assistant", "content": seq.text}
         if self.include_thoughts:
-            message["reasoning_content"] = seq.reasoning_text
+            message["reasoning"] = message["reasoning_content"] = seq.reasoning_text
         return message
 
     def chunk(self, seq: CompletionOutput, out) -> dict:
         delta = {"content": out.new_text}
         if self.include_thoughts and out.new_reasoning_text:
-            delta["reasoning_content"] = out.new_reasoning_text
+            delta["reasoning"] = delta["reasoning_content"] = out.new_reasoning_text
         if seq.index not in self.started:  # the first chunk of each choice names the role
             self.started.add(seq.index)
             delta["role"] = "assistant"

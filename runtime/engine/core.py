@@ -16,6 +16,7 @@ from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import CoreStats, EngineCoreOutput
 from runtime.engine.request import Request
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
+from runtime.engine.structured_output import StructuredOutputManager
 from runtime.engine.validation import CoreInfo, ValidRequest
 
 
@@ -69,6 +70,9 @@ class EngineCore:
             self.executor = OrtExecutor(cfg, self.config.onnx_dir, self.cache)
         else:
             self.executor = Executor(checkpoint.model.eval(), self.cache)
+        thinks = cfg.default_thought_tokens is not None  # trained to open its own thoughts
+        self.executor.structured = StructuredOutputManager(checkpoint.tokenizer, cfg.vocab_size, cfg.eos_id,
+                                                           cfg.think_start_id if thinks else None)
         self.info = CoreInfo(
             max_depth=cfg.max_depth, min_depth=cfg.min_depth, n_pool=cfg.n_pool, vocab_size=cfg.vocab_size,
             eos_id=cfg.eos_id, think_start_id=cfg.think_start_id, think_end_id=cfg.think_end_id,

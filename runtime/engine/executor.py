@@ -26,6 +26,7 @@ from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
 from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
+from runtime.engine.structured_output import StructuredOutputManager
 from runtime.layers import Block, rope_tables
 from runtime.model import PonderModel
 
@@ -108,12 +109,15 @@ class Executor:
         self.num_core_steps_full = 0  # what full depth would have run for the same positions
         self.block_steps = [0] * self.cfg.n_pool  # block applications per pool block
         self._generators: dict[str, torch.Generator] = {}  # per request, so seeded sampling is batch-invariant
+        self.structured: StructuredOutputManager | None = None  # grammar matchers per request; EngineCore sets it
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step: the forward over every scheduled chunk, then sampling and prompt scores.
         A failure fails the step's requests (`ModelRunnerOutput.failed`), never the engine."""
         for rid in scheduler_output.finished_ids:
             self._generators.pop(rid, None)
+        if self.structured is not None:
+            self.structured.drop(scheduler_output.finished_ids)
         moves = scheduler_output.kv_moves
         self.cache.move([src for src, _ in moves], [dst for _, dst in moves])
         chunks = scheduler_output.scheduled
@@ -131,13 +135,19 @@ class Executor:
         seqs = [SeqInput(c.token_ids, c.start_position, c.block_table, price=c.request.price,
                          min_depth=c.request.compute.min_depth, max_depth=c.request.compute.max_depth,
                          all_logits=scores, position_offset=c.position_offset) for c, scores in zip(chunks, scores_prompt)]
+        samplers = [i for i, c in enumerate(chunks) if c.samples]
+        requests = [chunks[i].request for i in samplers]
+        assert self.structured is not None or all(r.grammar is None for r in requests), "EngineCore sets structured"
+        allowed = self.structured.bitmask(requests) if self.structured is not None else None  # before the forward
         outs = self.run(seqs)
         result = ModelRunnerOutput(depths={c.request_id: out.depths for c, out in zip(chunks, outs)})
-        samplers = [i for i, c in enumerate(chunks) if c.samples]
         if samplers:
             logits = torch.cat([outs[i].logits[-1:] for i in samplers])
-            for i, s in zip(samplers, sample(logits, [self._sample_row(chunks[i]) for i in samplers])):
+            sampled = sample(logits, [self._sample_row(chunks[i]) for i in samplers], allowed)
+            for i, s in zip(samplers, sampled):
                 result.sampled[chunks[i].request_id] = s
+            if allowed is not None:
+                result.grammar_complete, result.failed = self.structured.accept(requests, [s.token_id for s in sampled])
         for chunk, out, scores in zip(chunks, outs, scores_prompt):
             scored = self._score_prompt(chunk, out) if scores else None
             if scored is not None:

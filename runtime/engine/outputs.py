@@ -44,6 +44,7 @@ class ModelRunnerOutput:
     prompt_scores: dict[str, PromptScores] = field(default_factory=dict)  # with prompt_logprobs
     block_steps: list[int] = field(default_factory=list)  # block applications per pool block this step
     failed: dict[str, str] = field(default_factory=dict)  # request_id -> error message
+    grammar_complete: list[str] = field(default_factory=list)  # structured outputs complete with this step's token
 
 
 @dataclass

@@ -14,6 +14,31 @@ class ParamError(ValueError):
 
 
 @dataclass
+class StructuredOutputs:
+    """A constraint on the output, as vLLM's `structured_outputs`: set exactly one of
+    json (a JSON schema, as JSON text), json_object (any JSON object), regex (the whole output
+    matches it) or choice (the output is one of these strings). The Validator checks and compiles
+    it once (runtime/engine/grammar.py); the engine masks every step's logits to what it allows
+    and stops the request when it is complete."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    source: str | None = None  # the request field it came from (e.g. "guided_regex"), named in errors
+
+    def kind(self) -> str:
+        """The one field that is set; ParamError unless exactly one is."""
+        given = [name for name, value in (("json", self.json is not None), ("json_object", self.json_object),
+                                          ("regex", self.regex is not None), ("choice", self.choice is not None))
+                 if value]
+        if len(given) != 1:
+            raise ParamError(self.source or "structured_outputs", f"sets {given or 'nothing'}; set exactly one of "
+                                                                  f"json, json_object, regex or choice")
+        return given[0]
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 is greedy
@@ -32,6 +57,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs of each prompt token given the ones before it
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,10 +86,27 @@ class SamplingParams:
         for name, ok, message in checks:
             if not ok:
                 raise ParamError(name, f"{getattr(self, name)!r} {message}")
+        if self.structured_outputs is not None and self.min_tokens:
+            raise ParamError("min_tokens", f"{self.min_tokens} cannot be combined with structured outputs: the grammar "
+                                           f"decides where the output ends; leave min_tokens at 0")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# reasoning_effort (as OpenAI clients send it) -> (compute_budget, thought cap as a multiple of the
+# checkpoint's default_thought_tokens). None keeps the default: the server's default budget, and the
+# cap round(compute_budget * default_thought_tokens). An explicit compute_budget or max_thought_tokens
+# wins over the effort's value for that field; the effort still sets the other.
+REASONING_EFFORT: dict[str, tuple[float | None, float | None]] = {
+    "none": (0.25, 0.0),  # no thoughts (</think> is forced at once), a quarter of the depth
+    "minimal": (0.25, 0.25),
+    "low": (0.5, 0.5),
+    "medium": (None, None),  # what a request without reasoning_effort gets (OpenAI's default effort)
+    "high": (1.0, 2.0),  # full depth; the cap lets the model think up to twice its trained length
+    "xhigh": (1.0, 4.0),
+}
 
 
 @dataclass
@@ -74,7 +117,10 @@ class ComputeParams:
     Thoughts (tokens between <think> and </think>): max_thought_tokens caps them per request by
     forcing </think> (default: round(compute_budget * the checkpoint's default_thought_tokens));
     include_thoughts returns them as reasoning_content; thought_kv is 'keep' or 'discard'
-    (default: the checkpoint's first listed mode)."""
+    (default: the checkpoint's first listed mode).
+
+    reasoning_effort sets the budget and the thought cap together (REASONING_EFFORT); explicit
+    compute_budget and max_thought_tokens win over it."""
 
     compute_budget: float | None = None
     min_depth: int | None = None
@@ -83,6 +129,7 @@ class ComputeParams:
     max_thought_tokens: int | None = None
     include_thoughts: bool = False
     thought_kv: str | None = None
+    reasoning_effort: str | None = None
 
     def validate(self, model_max_depth: int, thought_kv_modes: list[str] | None = None) -> None:
         """thought_kv_modes: the modes the checkpoint was trained for (None: only 'keep')."""
@@ -101,6 +148,8 @@ class ComputeParams:
             raise ParamError("max_thought_tokens", f"{self.max_thought_tokens!r} must be an integer >= 0")
         if not isinstance(self.include_thoughts, bool):
             raise ParamError("include_thoughts", f"{self.include_thoughts!r} must be true or false")
+        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORT:
+            raise ParamError("reasoning_effort", f"{self.reasoning_effort!r} must be one of {list(REASONING_EFFORT)}")
         modes = thought_kv_modes or ["keep"]
         if self.thought_kv is not None and self.thought_kv not in modes:
             raise ParamError("thought_kv", f"{self.thought_kv!r} is not supported by this checkpoint, which was trained "

@@ -62,6 +62,7 @@ class Request:
     budget: BudgetController = field(default_factory=lambda: BudgetController(ComputeParams(), Calibration.uncalibrated(), 1))
     thoughts: ThoughtState = field(default_factory=lambda: ThoughtState(None, None, None))
     stop_ids: frozenset[int] = frozenset()
+    grammar: str | None = None  # structured outputs: the compiled constraint on the content (ValidRequest.grammar)
     arrival: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -83,7 +84,8 @@ class Request:
         compute = valid.compute
         budget = BudgetController(compute, calibration, max_depth)
         thoughts = ThoughtState.for_prompt(valid.prompt_token_ids, *think_ids, compute.max_thought_tokens)
-        return cls(request_id, valid.prompt_token_ids, valid.sampling, compute, budget, thoughts, frozenset(valid.stop_ids))
+        return cls(request_id, valid.prompt_token_ids, valid.sampling, compute, budget, thoughts, frozenset(valid.stop_ids),
+                   valid.grammar)
 
     @property
     def max_tokens(self) -> int:

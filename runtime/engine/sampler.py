@@ -21,8 +21,9 @@ class SampleRow:
     forced: int | None = None  # the token this row must take (</think> at the thought cap)
 
 
-def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
-    """logits: (R, V) float; one row per request that samples this step."""
+def sample(logits: Tensor, rows: list[SampleRow], allowed: tuple[list[int], Tensor] | None = None) -> list[Sampled]:
+    """logits: (R, V) float; one row per request that samples this step. allowed: structured outputs'
+    (rows, bitmask (len(rows), ceil(V / 32)) int32): only tokens whose bit is set may be chosen there."""
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
     logits = logits.float().clone()
     bias = [(i, t, b) for i, row in enumerate(rows) for t, b in row.params.logit_bias.items()]
@@ -41,6 +42,8 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
         if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
             ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(return_counts=True)
             logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+    if allowed is not None:
+        apply_bitmask(logits, *allowed)
 
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)[:, None]
@@ -67,6 +70,22 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> list[Sampled]:
             top = list(zip(ids.tolist(), values.tolist()))
         out.append(Sampled(tokens[i], token_logprobs[i], top))
     return out
+
+
+# Byte value -> the 8 logit offsets its bits stand for: 0 where the bit is set (allowed), -inf where not.
+_BYTE_OFFSETS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1, 0.0, float("-inf"))
+_byte_offsets: dict[torch.device, Tensor] = {}
+
+
+def apply_bitmask(logits: Tensor, rows: list[int], bitmask: Tensor) -> None:
+    """Set logits (R, V) to -inf at the tokens the bitmask of `rows` leaves out, in one op for the batch.
+    Bit t of a row is bit t % 32 of word t // 32, that is bit t % 8 of byte t // 8 (little-endian)."""
+    device = logits.device
+    table = _byte_offsets.get(device)
+    if table is None:
+        table = _byte_offsets[device] = _BYTE_OFFSETS.to(device)
+    offsets = table[bitmask.to(device, non_blocking=True).view(torch.uint8).long()]  # (r, 4W, 8)
+    logits.index_add_(0, torch.tensor(rows, device=device), offsets.flatten(1)[:, : logits.shape[-1]])
 
 
 def _filter(logits: Tensor, rows: list[SampleRow]) -> Tensor:

@@ -14,8 +14,8 @@ of the waiting queue, to prefill prompt + outputs again later.
 
 `update_from_output` applies what the executor computed: each position's depth to the request's
 budget controller, sampled tokens to the outputs and the thought state, and it finishes requests
-on a stop id, at max_tokens or on failure. Only a stop string (found in text, outside the core)
-comes back in from outside, as `finish()`.
+on a stop id, a complete grammar (structured outputs), at max_tokens or on failure. Only a stop
+string (found in text, outside the core) comes back in from outside, as `finish()`.
 
 Thought KV discard: when a sampled `</think>` closes a thought of a request with
 thought_kv='discard', the span is registered (`discard_thought()`). Once its `</think>` is
@@ -296,7 +296,8 @@ class Scheduler:
             if out.prompt_scores is not None:
                 req.num_prompt_scored += len(out.prompt_scores.logprobs)
             if chunk.samples:
-                self._append_token(req, output.sampled[req.request_id], depths[-1], out)
+                self._append_token(req, output.sampled[req.request_id], depths[-1], out,
+                                   complete=req.request_id in output.grammar_complete)
             if out.new_token_ids or out.prompt_scores is not None:
                 out.mean_depth, out.num_thought_tokens = req.budget.mean_depth, req.thoughts.num_thought_tokens
                 if out.new_token_ids and len(req.output_token_ids) == 1:  # the first token: metrics take it
@@ -311,14 +312,15 @@ class Scheduler:
                                                 num_thought_tokens=req.thoughts.num_thought_tokens))
         return outputs
 
-    def _append_token(self, req: Request, sampled, depth: int, out: EngineCoreOutput) -> None:
-        """A sampled token: into the outputs and the thought state; finish on a stop id or at max_tokens."""
+    def _append_token(self, req: Request, sampled, depth: int, out: EngineCoreOutput, complete: bool = False) -> None:
+        """A sampled token: into the outputs and the thought state; finish on a stop id, when the token
+        completes the request's grammar (`complete`, structured outputs) or at max_tokens."""
         token = sampled.token_id
         req.output_token_ids.append(token)
         kind, span = req.thoughts.observe(token, req.num_tokens - 1)
         out.new_token_ids, out.new_logprobs, out.new_depths = [token], [sampled], [depth]
         out.hidden, out.thought = [kind is not TokenKind.VISIBLE], [kind is TokenKind.THOUGHT]
-        if token in req.stop_ids:
+        if token in req.stop_ids or complete:
             self._finish(req, RequestStatus.FINISHED_STOPPED)
         elif len(req.output_token_ids) >= req.max_tokens:
             self._finish(req, RequestStatus.FINISHED_LENGTH)

@@ -12,7 +12,8 @@ The default cap, when a request sets no max_thought_tokens, is
 with the checkpoint's `default_thought_tokens` (the length it was trained to think) and the
 request's compute_budget (or the server default), so budget 1.0 allows the trained length and 0.5
 half of it. Without `default_thought_tokens` there is no default cap; max_tokens still bounds
-thoughts, which count as completion tokens.
+thoughts, which count as completion tokens. A request's reasoning_effort changes the multiple
+(runtime/engine/params.py: REASONING_EFFORT).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ class TokenKind(Enum):
     MARKER = "marker"  # <think> or </think>: hidden, not counted as a thought
 
 
-def thought_cap(max_thought_tokens: int | None, compute_budget: float, default_thought_tokens: int | None) -> int | None:
-    """The request's thought cap (see the module docstring)."""
+def thought_cap(max_thought_tokens: int | None, compute_budget: float, default_thought_tokens: int | None,
+                scale: float | None = None) -> int | None:
+    """The request's thought cap (see the module docstring); `scale` (from reasoning_effort) replaces
+    compute_budget as the multiple of default_thought_tokens, and 0 means no thoughts at all."""
     if max_thought_tokens is not None:
         return max_thought_tokens
+    if scale == 0.0:
+        return 0
     if default_thought_tokens is None:
         return None
-    return round(compute_budget * default_thought_tokens)
+    return round((compute_budget if scale is None else scale) * default_thought_tokens)
 
 
 @dataclass
@@ -61,6 +66,15 @@ class ThoughtState:
         if self.in_thought and self.cap is not None and self.num_thought_tokens >= self.cap:
             return self.end_id
         return None
+
+    @property
+    def opened(self) -> bool:
+        """A thought was opened, in the prompt or the output (it may be closed since)."""
+        return self.span_start >= 0
+
+    def is_content(self, token: int) -> bool:
+        """Whether `token`, if it came next, would be content: not a thought and not a marker."""
+        return not self.enabled or not (self.in_thought or token in (self.start_id, self.end_id))
 
     def observe(self, token: int, index: int) -> tuple[TokenKind, tuple[int, int] | None]:
         """Classify the token generated at sequence index `index`. When it closes a thought, also

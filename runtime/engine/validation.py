@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-from runtime.engine.params import ComputeParams, ParamError, SamplingParams
+from runtime.engine.grammar import compile_grammar
+from runtime.engine.params import REASONING_EFFORT, ComputeParams, ParamError, SamplingParams
 from runtime.engine.thoughts import thought_cap
 
 
@@ -44,12 +45,14 @@ class CoreInfo:
 @dataclass
 class ValidRequest:
     """A request that passed every check, with every default resolved: n == 1, a seed, a compute
-    budget, a thought cap (None: uncapped) and mode, and the stop ids (EOS unless ignore_eos)."""
+    budget, a thought cap (None: uncapped) and mode, and the stop ids (EOS unless ignore_eos).
+    With structured outputs, `grammar` is the compiled constraint (llguidance's grammar text)."""
 
     prompt_token_ids: list[int]
     sampling: SamplingParams
     compute: ComputeParams
     stop_ids: list[int] = field(default_factory=list)
+    grammar: str | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -77,13 +80,16 @@ class Validator:
             if any(not 0 <= t < info.vocab_size for t in getattr(sampling, name)):
                 raise ParamError(name, f"has token ids outside the vocabulary [0, {info.vocab_size})")
         self.check_fits(len(prompt_token_ids), sampling.max_tokens)
-        budget = compute.compute_budget if compute.compute_budget is not None else info.default_compute_budget
+        grammar = compile_grammar(sampling.structured_outputs) if sampling.structured_outputs is not None else None
+        effort_budget, effort_scale = REASONING_EFFORT.get(compute.reasoning_effort, (None, None))
+        budget = next(b for b in (compute.compute_budget, effort_budget, info.default_compute_budget) if b is not None)
+        cap = thought_cap(compute.max_thought_tokens, budget, info.default_thought_tokens, effort_scale)
         compute = replace(compute, compute_budget=budget, thought_kv=compute.thought_kv or info.thought_kv_modes[0],
-                          max_thought_tokens=thought_cap(compute.max_thought_tokens, budget, info.default_thought_tokens))
+                          max_thought_tokens=cap)
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
         stop_ids = sorted(set(sampling.stop_token_ids) | (
             {info.eos_id} if info.eos_id is not None and not sampling.ignore_eos else set()))
-        return ValidRequest(list(prompt_token_ids), replace(sampling, seed=seed), compute, stop_ids)
+        return ValidRequest(list(prompt_token_ids), replace(sampling, seed=seed), compute, stop_ids, grammar)
 
     def check_fits(self, num_prompt: int, max_tokens: int) -> None:
         """Raise RequestTooLongError unless such a request fits max_model_len and the whole KV cache."""

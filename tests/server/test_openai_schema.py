@@ -1,5 +1,6 @@
-"""Every field of OpenAI's completions and chat schemas is implemented or refused with a 400 naming it;
-none is silently ignored. And logit_bias, applied in the batched sampler."""
+"""Every field of OpenAI's completions and chat schemas (and vLLM's extras that Ponder declares) is
+implemented or refused with a 400 naming it; none is silently ignored. And logit_bias, applied in
+the batched sampler."""
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,13 +23,21 @@ CHAT = {
     "logit_bias": ({"5": -3.0}, "ok"), "logprobs": (True, "ok"), "max_completion_tokens": (3, "ok"),
     "max_tokens": (3, "ok"), "metadata": ({"k": "v"}, "ok"), "modalities": (["text", "audio"], "refused"),
     "n": (2, "ok"), "parallel_tool_calls": (True, "refused"), "prediction": ({"type": "content", "content": "x"}, "refused"),
-    "presence_penalty": (0.5, "ok"), "prompt_cache_key": ("k", "ok"), "reasoning_effort": ("low", "refused"),
-    "response_format": ({"type": "json_object"}, "refused"), "safety_identifier": ("s", "ok"), "seed": (7, "ok"),
+    "presence_penalty": (0.5, "ok"), "prompt_cache_key": ("k", "ok"), "reasoning_effort": ("low", "ok"),
+    "response_format": ({"type": "json_schema", "json_schema": {"name": "c", "schema": {"enum": ["abc", "cab"]}}}, "ok"), "safety_identifier": ("s", "ok"), "seed": (7, "ok"),
     "service_tier": ("auto", "ok"), "stop": (["x"], "ok"), "store": (True, "refused"), "stream": (True, "ok"),
     "stream_options": ({"include_usage": True}, "ok"), "temperature": (0.5, "ok"),
     "tool_choice": ("auto", "refused"), "tools": ([{"type": "function", "function": {"name": "f"}}], "refused"),
     "top_logprobs": (2, "ok"), "top_p": (0.9, "ok"), "user": ("u1", "ok"), "verbosity": ("low", "refused"),
     "web_search_options": ({}, "refused"),
+}
+
+# vLLM's extras, on both endpoints.
+VLLM_EXTRAS = {
+    "guided_json": ({"enum": ["abc", "cab"]}, "ok"), "guided_regex": ("[a-c]{1,4}", "ok"),
+    "guided_choice": (["yes", "no"], "ok"), "structured_outputs": ({"choice": ["yes", "no"]}, "ok"),
+    "guided_grammar": ('root ::= "a"', "refused"), "thinking_token_budget": (2, "ok"), "include_reasoning": (True, "ok"),
+    "reasoning_effort": ("high", "ok"),
 }
 
 
@@ -39,7 +48,8 @@ def client():
         yield c
 
 
-@pytest.mark.parametrize("schema, fields", [(CompletionRequest, COMPLETIONS), (ChatCompletionRequest, CHAT)])
+@pytest.mark.parametrize("schema, fields", [(CompletionRequest, COMPLETIONS), (ChatCompletionRequest, CHAT),
+                                            (CompletionRequest, VLLM_EXTRAS), (ChatCompletionRequest, VLLM_EXTRAS)])
 def test_every_openai_field_is_declared(schema, fields):
     assert set(fields) <= set(schema.model_fields), "an OpenAI field would fall into model_extra: only logged"
     refused = {f for f, (_, outcome) in fields.items() if outcome == "refused"}
@@ -49,6 +59,8 @@ def test_every_openai_field_is_declared(schema, fields):
 @pytest.mark.parametrize("path, fields, base", [
     ("/v1/completions", COMPLETIONS, {"prompt": "abc", "max_tokens": 2}),
     ("/v1/chat/completions", CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/v1/completions", VLLM_EXTRAS, {"prompt": "abc", "max_tokens": 2}),
+    ("/v1/chat/completions", VLLM_EXTRAS, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
 ])
 def test_schema_walk(client, path, fields, base):
     for name, (value, outcome) in fields.items():

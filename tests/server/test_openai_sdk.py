@@ -54,6 +54,73 @@ def test_openai_sdk_logit_bias_and_refused_fields(server):
         client.completions.create(model="austen-small", prompt="Anne", stream_options={"include_usage": True})
 
 
+def test_openai_sdk_structured_outputs(server):
+    import re
+
+    import jsonschema_rs
+    from pydantic import BaseModel, Field
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Who is Anne Elliot?"}]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.chat.completions.create(model="austen-small", messages=messages, max_tokens=64, seed=1,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "person", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    assert jsonschema_rs.validator_for(schema).is_valid(json.loads(r.choices[0].message.content))
+
+    class Person(BaseModel):  # the SDK's parse(): a pydantic model as the schema, the reply parsed into it
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=99)
+
+    parsed = client.chat.completions.parse(model="austen-small", messages=messages, max_tokens=64, seed=2,
+                                           response_format=Person)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+    # Free-form JSON: the Austen model never closes its object within its context, so only its start is checked.
+    obj = client.chat.completions.create(model="austen-small", messages=messages, max_tokens=8, seed=3,
+                                         response_format={"type": "json_object"})
+    free = client.chat.completions.create(model="austen-small", messages=messages, max_tokens=8, seed=3)
+    assert obj.choices[0].message.content.startswith('{"') and not free.choices[0].message.content.startswith("{")
+
+    choices = ["Anne", "Emma", "Elizabeth"]
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        chat = client.chat.completions.create(model="austen-small", messages=messages, max_tokens=8, extra_body=extra)
+        assert chat.choices[0].message.content in choices and chat.choices[0].finish_reason == "stop"
+        text = client.completions.create(model="austen-small", prompt="Her name was", max_tokens=8, extra_body=extra)
+        assert text.choices[0].text in choices
+    for extra in ({"guided_regex": "[0-9]{3}-[a-z]{2,4}"}, {"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2,4}"}}):
+        text = client.completions.create(model="austen-small", prompt="The code is", max_tokens=12, extra_body=extra)
+        assert re.fullmatch("[0-9]{3}-[a-z]{2,4}", text.choices[0].text), text.choices[0].text
+    stream = client.completions.create(model="austen-small", prompt="The code is", max_tokens=12, stream=True,
+                                       extra_body={"guided_regex": "[0-9]{3}-[a-z]{2,4}", "seed": 4})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,4}", "".join(c.choices[0].text for c in stream if c.choices))
+    with pytest.raises(openai.BadRequestError, match="guided_regex"):
+        client.completions.create(model="austen-small", prompt="x", extra_body={"guided_regex": "[0-9"})
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="austen-small", messages=messages, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nothing"}}})
+
+
+def test_openai_sdk_reasoning_effort_sets_the_compute_budget(server):
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Who is Mr. Darcy?"}]
+
+    def depth(**kwargs) -> float:
+        r = client.chat.completions.create(model="austen-small", messages=messages, max_tokens=12, temperature=0,
+                                           **kwargs)
+        return r.usage.compute["mean_depth"]
+
+    high, low = depth(reasoning_effort="high"), depth(reasoning_effort="low")
+    assert high == 6.0 and low < high  # high: full depth; low: compute_budget 0.5
+    assert depth(reasoning_effort="low", extra_body={"compute_budget": 1.0}) == 6.0  # an explicit budget wins
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model="austen-small", messages=messages, reasoning_effort="extreme")
+
+
 def test_sigterm_shuts_down_gracefully(server):
     _, proc = server
     proc.send_signal(signal.SIGTERM)

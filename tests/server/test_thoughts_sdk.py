@@ -76,3 +76,37 @@ def test_thought_budget_and_bad_thought_params(base):
         client.chat.completions.create(model="addition-think", messages=messages, extra_body={"max_thought_tokens": -1})
     with pytest.raises(openai.BadRequestError):  # the tokenizer has digits only
         client.chat.completions.create(model="addition-think", messages=[{"role": "user", "content": "hello"}])
+
+
+def test_reasoning_knobs_as_2026_clients_send_them(base):
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+
+    def ask(**kwargs):
+        return client.chat.completions.create(model="addition-think", messages=messages, temperature=0, max_tokens=16,
+                                              **kwargs)
+
+    # include_reasoning=true returns the thoughts in `reasoning` (vLLM's field) and `reasoning_content`.
+    r = ask(extra_body={"include_reasoning": True})
+    assert r.choices[0].message.reasoning == r.choices[0].message.reasoning_content == "edb964"
+    assert r.choices[0].message.content == ANSWER
+    stream = ask(stream=True, extra_body={"include_reasoning": True})
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == "edb964"
+    text = client.completions.create(model="addition-think", prompt=QUESTION, temperature=0, max_tokens=16,
+                                     extra_body={"include_reasoning": True})
+    assert text.choices[0].reasoning == "edb964" and text.choices[0].text == ANSWER
+
+    # thinking_token_budget is max_thought_tokens.
+    assert ask(extra_body={"thinking_token_budget": 2}).usage.compute["thought_tokens"] == 2
+    with pytest.raises(openai.BadRequestError, match="thinking_token_budget"):
+        ask(extra_body={"thinking_token_budget": 2, "max_thought_tokens": 3})
+
+    # reasoning_effort: the thought cap is a multiple of the trained length (6 here); explicit values win.
+    thoughts = {effort: ask(reasoning_effort=effort).usage.compute["thought_tokens"]
+                for effort in ("none", "minimal", "low", "medium", "high", "xhigh")}
+    assert thoughts == {"none": 0, "minimal": 2, "low": 3, "medium": 6, "high": 6, "xhigh": 6}  # round(0.25 * 6) = 2
+    assert ask(reasoning_effort="none", extra_body={"max_thought_tokens": 4}).usage.compute["thought_tokens"] == 4
+    assert ask(reasoning_effort="high").choices[0].message.content == ANSWER  # it stops thinking by itself at 6
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        ask(reasoning_effort="maximal")
