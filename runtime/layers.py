@@ -6,11 +6,151 @@ token where a KV slot entry comes from (the token's own block, a fill policy, or
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# ----- linear kernels -----
+# On CPU, aten's GEMM (MKL) is not the fastest kernel everywhere: on some CPUs oneDNN with the
+# weight reordered once ahead of time ("prepacked") is 1.3-2.3x faster, on others it loses at one
+# row. So an inference forward on CPU measures both, once per weight shape, dtype and thread
+# count, among the kernels the CPU's capability allows, and keeps the faster. Training (autograd),
+# tracing and export always take F.linear. The packed copy is extra memory beside the weight.
+# oneDNN builds (and caches) a primitive per row count, about 0.5-1.5 MB each: past 16 rows the
+# rows are padded up to a bucket, so a server sees a few dozen row counts per weight shape, not
+# one per prefill length.
+
+LINEAR_KERNELS = ("auto", "aten", "onednn")
+PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, and a row's output does not
+#                 depend on the other rows of the call (batch invariance), which hint 1 breaks
+_mode = os.environ.get("PONDER_CPU_LINEAR", "auto")
+_choices: dict[tuple, dict] = {}  # (shape, dtype, threads) -> {"kernel", "aten_us", "onednn_us"}
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> (weight key, packed weight | None)
+
+
+def set_linear_kernel(mode: str) -> None:
+    """`auto` (measure, the default; env PONDER_CPU_LINEAR), or force `aten` or `onednn`."""
+    global _mode
+    if mode not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel {mode!r} must be one of {', '.join(LINEAR_KERNELS)}")
+    _mode = mode
+    _choices.clear()
+    _packed.clear()
+
+
+def linear_kernel_choices() -> list[dict]:
+    """What each measured weight shape chose, with the timings behind it (for logs and benchmarks)."""
+    return [{"shape": list(k[0]), "dtype": str(k[1]), "threads": k[2], **v} for k, v in _choices.items()]
+
+
+def onednn_candidate(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacked linears may run here: an x86 vector ISA torch dispatches to, and
+    for bf16 the CPU's native bf16 (avx512_bf16 or AMX)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a oneDNN call runs: exact up to 16, then the next multiple of 16 up to 128, then
+    the next of 4 steps per doubling (a multiple of 16): at most 16 + 7 + 4 per doubling counts."""
+    if rows <= 16:
+        return rows
+    if rows <= 128:
+        return -(-rows // 16) * 16
+    base = 128
+    while base * 2 < rows:
+        base *= 2
+    step = base // 4
+    return -(-rows // step) * step
+
+
+def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    bucket = row_bucket(rows)
+    if bucket == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows))  # zero rows, dropped below
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _best_of(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _choose(weight: Tensor, packed: Tensor) -> dict:
+    """Time aten and oneDNN on this weight at 1 and PACK_ROWS rows; oneDNN wins if 5% faster in sum."""
+    xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in (1, PACK_ROWS)]
+    aten = sum(_best_of(lambda x=x: F.linear(x, weight)) for x in xs)
+    onednn = sum(_best_of(lambda x=x: _onednn(x, packed, None)) for x in xs)
+    kernel = "onednn" if onednn < 0.95 * aten else "aten"
+    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %.0f us -> %s", tuple(weight.shape),
+             weight.dtype, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), aten * 1e6, onednn * 1e6,
+             kernel)
+    return {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": onednn * 1e6}
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot change outside inference)
+        return -1
+
+
+def _packed_weight(linear: nn.Linear) -> Tensor | None:
+    """The prepacked weight if oneDNN is this weight's kernel, repacked whenever the weight changed."""
+    w = linear.weight
+    key = (w.data_ptr(), _version(w), w.dtype, tuple(w.shape))
+    entry = _packed.get(linear)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    packed = None
+    if _mode != "aten" and onednn_candidate(w.dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+        if _mode == "auto":
+            shape = (tuple(w.shape), w.dtype, torch.get_num_threads())
+            if shape not in _choices:
+                _choices[shape] = _choose(w.detach(), packed)
+            packed = packed if _choices[shape]["kernel"] == "onednn" else None
+    _packed[linear] = (key, packed)
+    return packed
+
+
+def _traced() -> bool:
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference forward on CPU runs the kernel measured fastest for its weight."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype or _traced():
+            return F.linear(x, self.weight, self.bias)
+        packed = _packed_weight(self)
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return _onednn(x, packed, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +185,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wq = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, d) normed input -> k, v: (B, Hkv, T, D), k rotated."""
@@ -87,9 +227,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.config import ModelConfig
-from runtime.layers import Block, RMSNorm, rope_tables
+from runtime.layers import Block, Linear, RMSNorm, rope_tables
 
 
 @dataclass
@@ -94,7 +94,7 @@ class PonderModel(nn.Module):
         self.pool = nn.ModuleList(Block(cfg) for _ in range(cfg.n_pool))
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.step_emb = nn.Parameter(torch.zeros(max(cfg.max_depth, 1), cfg.d_model)) if cfg.step_embedding else None

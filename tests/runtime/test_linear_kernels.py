@@ -1,0 +1,109 @@
+"""The CPU linear kernel choice: oneDNN prepacked or aten, measured per weight shape; the same
+results either way (fp32 tolerance), repacked when a weight changes, never under autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime import layers
+from runtime.layers import Linear, linear_kernel_choices, onednn_candidate, row_bucket, set_linear_kernel
+
+needs_onednn = pytest.mark.skipif(not onednn_candidate(torch.float32), reason="no oneDNN prepacked linears on this CPU")
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    mode = layers._mode
+    yield
+    set_linear_kernel(mode)
+
+
+@pytest.mark.parametrize("mode", ["auto", "aten", "onednn"])
+def test_every_kernel_matches_f_linear(mode):
+    if mode == "onednn" and not onednn_candidate(torch.float32):
+        pytest.skip("no oneDNN prepacked linears on this CPU")
+    set_linear_kernel(mode)
+    torch.manual_seed(0)
+    lin = Linear(96, 160, bias=True)
+    x = torch.randn(3, 5, 96)
+    with torch.inference_mode():
+        got = lin(x)
+        rows = [lin(x[:1, :1]), lin(x.flatten(0, 1)[3:11])]  # 1 row, and a window of rows
+    want = F.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rows[0], want[:1, :1])
+    torch.testing.assert_close(rows[1], want.flatten(0, 1)[3:11])
+    if mode == "aten":
+        assert torch.equal(got, want)
+
+
+@needs_onednn
+def test_prepacked_rows_do_not_depend_on_the_other_rows():
+    set_linear_kernel("onednn")
+    lin = Linear(576, 1536, bias=False)
+    x = torch.randn(33, 576)
+    with torch.inference_mode():
+        full = lin(x)
+        assert all(torch.equal(lin(x[:m])[0], full[0]) for m in (1, 2, 7, 16, 33))
+
+
+def test_row_buckets_are_few_and_never_fewer_rows():
+    buckets = [row_bucket(m) for m in range(1, 4097)]
+    assert all(b >= m for b, m in zip(buckets, range(1, 4097)))
+    assert buckets[:16] == list(range(1, 17))  # decode batches run unpadded
+    assert len(set(buckets)) <= 16 + 7 + 4 * 5  # a bounded number of oneDNN primitives per weight shape
+    assert max(b / m for b, m in zip(buckets, range(1, 4097)) if m > 128) <= 1.25
+
+
+@needs_onednn
+def test_padded_row_counts_give_the_rows_of_f_linear():
+    set_linear_kernel("onednn")
+    lin = Linear(64, 48, bias=True)
+    for shape in ((37, 64), (2, 100, 64), (1, 129, 64)):  # padded to 48, 224 and 160 rows
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            got = lin(x)
+        assert got.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias))
+
+
+@needs_onednn
+def test_a_changed_weight_is_repacked():
+    set_linear_kernel("onednn")
+    lin = Linear(64, 64, bias=False)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: the version counter moves
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), 2.0 * before)
+    lin.load_state_dict({"weight": torch.zeros(64, 64)})
+    with torch.inference_mode():
+        assert lin(x).abs().max() == 0
+
+
+def test_autograd_takes_f_linear_and_gets_gradients():
+    set_linear_kernel("onednn" if onednn_candidate(torch.float32) else "aten")
+    lin = Linear(32, 8)
+    lin(torch.randn(2, 32)).sum().backward()
+    assert lin.weight.grad is not None and not layers._packed.get(lin)
+
+
+def test_auto_measures_each_shape_once_and_says_what_it_chose():
+    set_linear_kernel("auto")
+    a, b = Linear(48, 80, bias=False), Linear(48, 80, bias=False)
+    with torch.inference_mode():
+        a(torch.randn(2, 48))
+        b(torch.randn(2, 48))
+    choices = [c for c in linear_kernel_choices() if c["shape"] == [80, 48]]
+    if not onednn_candidate(torch.float32):
+        assert choices == []  # nothing to choose from: aten
+        return
+    (choice,) = choices  # measured once, for both layers
+    assert choice["kernel"] in ("aten", "onednn") and choice["aten_us"] > 0 and choice["onednn_us"] > 0
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="must be one of auto, aten, onednn"):
+        set_linear_kernel("mkl")
