@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.harness import (HELDOUT_TEXT, make_prompts, pyplot, round_ratios, run_rounds, save_figure, set_threads,
                                 write_results)
+from benchmarks.soak import start_server_with
 from loadtests.client import Client
 from loadtests.workload import Prompt
 from runtime.checkpoint import DEFAULT_MODEL
@@ -53,24 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", args.model, "--port", str(port), "--device", "cpu",
-           "--max-num-seqs", str(args.max_num_seqs), "--threads", str(args.threads), "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=1)
-            return proc, base
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"ponder serve did not start: {proc.stdout.read().decode()[-2000:]}")
+    return start_server_with(args.model, args.threads, "--max-num-seqs", str(args.max_num_seqs))
 
 
 def run_direct(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:

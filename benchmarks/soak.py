@@ -62,7 +62,8 @@ def start_server_with(model: str, threads: int, *flags: str) -> tuple[subprocess
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", model, "--port", str(port), "--device", "cpu",
            "--threads", str(threads), "--log-level", "warning", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(480):
         try:
