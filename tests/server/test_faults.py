@@ -36,6 +36,15 @@ def stream_in_thread(base: str, max_tokens: int, started: threading.Event, resul
     return thread
 
 
+def streams_started(base: str, n: int) -> tuple[list[threading.Thread], list]:
+    """n long streams, returned once each has its first event."""
+    started, results = [threading.Event() for _ in range(n)], []
+    threads = [stream_in_thread(base, 240, s, results) for s in started]
+    for s in started:
+        assert s.wait(30)
+    return threads, results
+
+
 def post(base: str, body: dict) -> tuple[int, object, dict]:
     request = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
@@ -49,10 +58,7 @@ def post(base: str, body: dict) -> tuple[int, object, dict]:
 def test_sigterm_drains_new_requests_get_503_in_flight_ones_finish_and_the_server_exits_0():
     base, proc = serve("--shutdown-timeout", "60", "--max-num-seqs", "4")
     try:
-        started, results = [threading.Event() for _ in range(4)], []
-        threads = [stream_in_thread(base, 240, s, results) for s in started]
-        for s in started:
-            assert s.wait(30)
+        threads, results = streams_started(base, 4)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         status, headers, body = post(base, {"prompt": "late", "max_tokens": 2})
@@ -75,10 +81,7 @@ def test_sigterm_drains_new_requests_get_503_in_flight_ones_finish_and_the_serve
 def test_past_the_shutdown_timeout_in_flight_requests_end_with_finish_reason_abort():
     base, proc = serve("--shutdown-timeout", "0.2", "--max-num-seqs", "4")
     try:
-        started, results = [threading.Event() for _ in range(4)], []
-        threads = [stream_in_thread(base, 240, s, results) for s in started]
-        for s in started:
-            assert s.wait(30)
+        threads, results = streams_started(base, 4)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
