@@ -21,13 +21,17 @@ CACHE = Path(os.environ.get("PONDER_CACHE", Path.home() / ".cache" / "ponder"))
 
 def base_checkpoint(source: str, cache: Path | None = None) -> Path:
     """Directory of the imported Ponder checkpoint of `source`, importing it if not cached."""
-    cache = cache or CACHE
-    key = Path(source).name.replace(".", "-") + "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
-    target = cache / "base" / key
+    target = cached_path(source, cache)
     if (target / "model.safetensors").is_file():
         return target
     import_checkpoint(source, target)
     return target
+
+
+def cached_path(source: str, cache: Path | None = None) -> Path:
+    """Where the imported checkpoint of `source` lives in the cache."""
+    key = Path(source).name.replace(".", "-") + "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
+    return (cache or CACHE) / "base" / key
 
 
 def import_checkpoint(source: str, out: Path, min_depth: int = 0, exit_adapter_rank: int = 0,

@@ -2,7 +2,8 @@
 
 A budget is the target mean core depth as a fraction of max_depth. Training measures, on
 held-out data, the mean depth each price gives; serving inverts that table. Price 0 always
-means full depth (the exit head's predicted gain is strictly positive).
+means full depth (the exit head's predicted gain is strictly positive). `quality` publishes what
+a budget costs (held-out perplexity and agreement with full depth) before anyone sends it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class Calibration:
     measured_on: str = ""  # what held-out data the table came from
     num_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # What each budget costs, measured on held-out text by `ponder eval-exits`: one row per budget
+    # with ppl, ppl_increase (vs full depth), top1_agreement (with full depth) and mean_depth_fraction.
+    quality: list[dict[str, float]] = field(default_factory=list)
+    quality_measured_on: str = ""
 
     def __post_init__(self) -> None:
         if len(self.prices) != len(self.depth_fractions) or not self.prices:

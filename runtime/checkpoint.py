@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from runtime.calibration import Calibration
 from runtime.config import ConfigError, ModelConfig
+from runtime.lora import merge_lora
 from runtime.model import PonderModel
 
 CONFIG, WEIGHTS, TOKENIZER, CALIBRATION = "config.json", "model.safetensors", "tokenizer.json", "calibration.json"
@@ -56,11 +57,13 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
     chat_template: str | None = None,
     base: str | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint directory. `dtype` casts floating weights on disk (e.g. bfloat16).
 
     base: the source of an imported base model (e.g. "smollm2-135m"); only the weights that differ
     from it are written, and the tokenizer comes from it at load time.
+    extra: tensors stored beside the model's own, e.g. LoRA factors (runtime/lora.py) merged at load.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -72,8 +75,9 @@ def save_checkpoint(
             continue  # tied to embed.weight
         if name in base_names:
             continue
-        tensor = tensor.detach().cpu()
-        state[name] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+        state[name] = tensor
+    state.update(extra or {})
+    state = {name: _stored(tensor, dtype) for name, tensor in state.items()}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "ponder_format_version": str(model.cfg.format_version)})
     if base:
         (path / BASE).write_text(json.dumps({"source": base}) + "\n")
@@ -83,6 +87,11 @@ def save_checkpoint(
         (path / CHAT_TEMPLATE).write_text(chat_template)
     (calibration or Calibration.uncalibrated()).save(path / CALIBRATION)
     return path
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    return (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
 
 
 def _base_source(path: Path) -> str | None:
@@ -138,6 +147,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
         state = {**_base_state(source), **state}
         tokenizer_dir = path if (path / TOKENIZER).is_file() else base_checkpoint(source)
+    try:
+        state = merge_lora(state)
+    except KeyError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: {e}") from e
     model = PonderModel(cfg)
     expected = {k for k in model.state_dict() if not (k == "head.weight" and cfg.tie_embeddings)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -149,13 +162,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{path / WEIGHTS} does not match config.json: {e}") from e
     tokenizer = _tokenizer(tokenizer_dir)
-    try:
-        calibration = Calibration.from_dict(json.loads(_need(path, CALIBRATION).read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / CALIBRATION} is corrupt: {e}") from e
+    calibration = load_calibration(path)
     model = model.to(device=device, dtype=dtype).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, calibration=calibration, path=path,
                       chat_template=_chat_template(path, tokenizer_dir))
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    path = Path(path)
+    try:
+        return Calibration.from_dict(json.loads(_need(path, CALIBRATION).read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CALIBRATION} is corrupt: {e}") from e
 
 
 def load_tokenizer(path: str | Path) -> tuple[Tokenizer, str | None]:

@@ -38,3 +38,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError("--dtype bfloat16 is not supported on this GPU; use float16 or float32")
     return dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a bf16-capable GPU, or a CPU with avx512_bf16 or AMX
+    (elsewhere torch emulates bf16 on CPU, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False

@@ -78,7 +78,10 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "ponder", "max_model_len": info.max_model_len,
-                                            "max_depth": info.max_depth}]}
+                                            "max_depth": info.max_depth,
+                                            "compute_budgets": {"default": info.default_compute_budget,
+                                                                "quality": info.budget_quality,
+                                                                "measured_on": info.budget_quality_measured_on}}]}
 
     @app.get("/health")
     async def health() -> Response:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runtime.kv_fill import KVFill
 from training.adapt_exits import AdaptConfig
+from training.finetune_exits import FinetuneConfig
 
 TRAIN_DEFAULTS = {
     # task: (preset, overrides of TrainConfig)
@@ -76,12 +77,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     a.set_defaults(func=run_adapt)
 
+    f = sub.add_parser("finetune-exits", help="LayerSkip-style: LoRA-tune the backbone so exits keep quality (self-distilled)")
+    f.add_argument("--out", required=True, help="checkpoint directory to write (LoRA factors, adapters, exit head)")
+    f.add_argument("--work", help="where training state and metrics.jsonl live, for resuming (default: OUT.train)")
+    for name, field in FinetuneConfig.__dataclass_fields__.items():
+        f.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+    f.add_argument("--run-steps", type=int, help="stop after this many steps in this run (resume later); no checkpoint")
+    f.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    f.set_defaults(func=run_finetune)
+
     x = sub.add_parser("eval-exits", help="early exit of an adapted pretrained model vs logit lens and CALM, on Persuasion")
     x.add_argument("checkpoint")
     x.add_argument("--budgets", default="1.0,0.8,0.6,0.4")
     x.add_argument("--windows", type=int, default=8, help="Persuasion windows to score")
     x.add_argument("--window", type=int, default=512, help="tokens per window")
     x.add_argument("--out", default="results/exits", help="output prefix for .json and .png")
+    x.add_argument("--no-record", action="store_true", help="do not write the quality per budget into calibration.json")
     x.set_defaults(func=run_eval_exits)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint at compute budgets; prints a table, writes JSON and a PNG")
@@ -174,13 +185,25 @@ def run_adapt(args: argparse.Namespace) -> None:
     adapt_main(AdaptConfig(**fields), Path(args.out), threads=args.threads)
 
 
+def run_finetune(args: argparse.Namespace) -> None:
+    from training.finetune_exits import finetune_main
+
+    fields = {name: getattr(args, name) for name in FinetuneConfig.__dataclass_fields__}
+    cfg = FinetuneConfig(**fields)
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.window < 2 or cfg.rank < 1 or not 0 <= cfg.full_depth_frac <= 1:
+        raise ValueError("--steps, --batch and --rank must be >= 1, --window >= 2, --full-depth-frac in [0, 1]")
+    out = Path(args.out)
+    finetune_main(cfg, out, Path(args.work) if args.work else out.with_name(out.name + ".train"), threads=args.threads,
+                  run_steps=args.run_steps)
+
+
 def run_eval_exits(args: argparse.Namespace) -> None:
     from training.exit_eval import eval_exits_main
 
     budgets = [float(b) for b in args.budgets.split(",")]
     if not all(0 < b <= 1 for b in budgets):
         raise ValueError(f"--budgets {args.budgets}: each must be in (0, 1]")
-    eval_exits_main(Path(args.checkpoint), budgets, args.windows, args.window, args.out)
+    eval_exits_main(Path(args.checkpoint), budgets, args.windows, args.window, args.out, record=not args.no_record)
 
 
 def _threads(n: int | None) -> None:

@@ -6,6 +6,9 @@ Methods, each at the compute budgets asked for (target fraction of layers run):
                  reaches a threshold, set on the val split to hit the budget
   adapters       every token exits at the same depth, decoded through that depth's adapter
   logit-lens     every token exits at the same depth, decoded by the final norm and head as is
+  classifier     CALM's trained classifier of "this depth's top-1 is the final top-1" (exit_signals)
+  latent         Huginn's latent criterion: the state's relative change over the last step
+  oracle         the hindsight bound: each token's depth chosen knowing its label's NLL at every depth
   exit-head-full-kv  a diagnostic: the exit head's depths, each token decoded from its full-depth
                  state at that depth, as if exited tokens still wrote every layer's KV (no KV
                  saving; shows what the kv_fill itself costs)
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,13 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from runtime.checkpoint import load_checkpoint
+from runtime.calibration import Calibration
+from runtime.checkpoint import load_calibration, load_checkpoint
 from runtime.flops import piece_macs, token_macs
 from runtime.kv_fill import KVFill
 from runtime.model import ExitSpec, PonderModel
+from training.exit_signals import latent_scores, oracle_depths, train_classifier
 from training.text_windows import windows
 
-METHODS = ("exit-head", "exit-head-full-kv", "calm", "adapters", "logit-lens")
+METHODS = ("exit-head", "exit-head-full-kv", "calm", "classifier", "latent", "oracle", "adapters", "logit-lens")
 
 
 def compute_fraction(cfg, depth: Tensor, method: str) -> float:
@@ -50,6 +56,10 @@ def compute_fraction(cfg, depth: Tensor, method: str) -> float:
         cost = cost + tests * m["exit_head"] + m["adapter"] + fill
     elif method == "calm":
         cost = cost + tests * (m["head"] + m["adapter"]) + fill
+    elif method in ("classifier", "latent"):  # one d_model dot product, or two norms, per test
+        cost = cost + tests * cfg.d_model * (1 if method == "classifier" else 2) + m["adapter"] + fill
+    elif method == "oracle":  # a bound: no test is charged, and it reads full-depth states
+        cost = cost + m["adapter"]
     elif method == "adapters":
         cost = cost + m["adapter"]
     return float(cost.mean() / token_macs(cfg, D, exit_tests=False))
@@ -73,20 +83,46 @@ def metrics(logits: Tensor, targets: Tensor, full_top1: Tensor, depth: Tensor, c
     }
 
 
+@dataclass
+class DepthScan:
+    """One full-depth pass over windows, decoded at every exit depth through its adapter."""
+
+    full_logits: Tensor  # (N, T, V)
+    conf: Tensor  # (D, N, T): top-1 probability of the decode at each depth (0 below min_depth)
+    agree: Tensor  # (D, N, T): that decode's top-1 equals the full-depth top-1
+    states: Tensor  # (D+1, N, T, d): the state entering each step, and the final one
+    nll: Tensor | None = None  # (D+1, N, T): the label's NLL decoded at each depth (inf below min_depth)
+
+
 @torch.no_grad()
-def confidences(model: PonderModel, ids: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Full-depth logits, per-depth top-1 probabilities (D, N, T) of the adapted decode, and the states (D+1, N, T, d)."""
+def scan_depths(model: PonderModel, ids: Tensor, batch: int, targets: Tensor | None = None) -> DepthScan:
     cfg = model.cfg
-    full, conf, all_states = [], [], []
+    full, conf, agree, all_states, nll = [], [], [], [], []
     for i in tqdm(range(0, len(ids), batch), desc="full-depth pass", unit="batch"):
         out = model(ids[i : i + batch], return_states=True)
         full.append(out.logits.float())
+        top1 = out.logits.argmax(-1)
         all_states.append(torch.stack(out.states))  # (D+1, b, T, d)
-        conf.append(torch.stack([
-            decode_at(model, out.states[d], d, True).softmax(-1).amax(-1) if d >= cfg.min_depth else torch.zeros(out.depth.shape)
-            for d in range(cfg.max_depth)
-        ]))
-    return torch.cat(full), torch.cat(conf, dim=1), torch.cat(all_states, dim=1)
+        c, a, n = [], [], []
+        for d in range(cfg.max_depth + 1):
+            if d < cfg.min_depth:
+                c.append(torch.zeros(out.depth.shape))
+                a.append(torch.zeros(out.depth.shape, dtype=torch.bool))
+                n.append(torch.full(out.depth.shape, float("inf")))
+                continue
+            logits = decode_at(model, out.states[d], d, True)
+            if d < cfg.max_depth:
+                c.append(logits.softmax(-1).amax(-1))
+                a.append(logits.argmax(-1) == top1)
+            if targets is not None:
+                y = targets[i : i + batch]
+                n.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
+        conf.append(torch.stack(c[: cfg.max_depth]))
+        agree.append(torch.stack(a[: cfg.max_depth]))
+        if targets is not None:
+            nll.append(torch.stack(n))
+    return DepthScan(torch.cat(full), torch.cat(conf, dim=1), torch.cat(agree, dim=1), torch.cat(all_states, dim=1),
+                     torch.cat(nll, dim=1) if nll else None)
 
 
 def calm_depths(conf: Tensor, threshold: float, min_depth: int) -> Tensor:
@@ -99,9 +135,10 @@ def calm_depths(conf: Tensor, threshold: float, min_depth: int) -> Tensor:
 
 
 def calm_threshold(conf: Tensor, budget: float, min_depth: int) -> float:
-    """Bisect the confidence threshold whose mean depth fraction is the budget."""
+    """Bisect the threshold on a score (D, ...) whose mean depth fraction is the budget."""
     D = conf.shape[0]
-    lo, hi = 0.0, 1.0 + 1e-6  # threshold 1+: nobody exits (full depth)
+    finite = conf[min_depth:][torch.isfinite(conf[min_depth:])]
+    lo, hi = float(finite.min()), float(finite.max()) + 1e-6  # above the highest score: nobody exits
     for _ in range(30):
         mid = (lo + hi) / 2
         if calm_depths(conf, mid, min_depth).float().mean() / D > budget:
@@ -130,10 +167,20 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
         raise ValueError(f"{path} has no exit adapters; train them with `ponder adapt-exits`")
     test = windows(ckpt.tokenizer, "test", window, n_windows)
     val = windows(ckpt.tokenizer, "val", window, max(2, n_windows // 4))
+    train = windows(ckpt.tokenizer, "train", window, max(2, n_windows // 2), seed=1)
     ids, targets = test[:, :-1], test[:, 1:]
     start = time.perf_counter()
-    full_logits, conf, states = confidences(model, ids, batch)
-    _, val_conf, _ = confidences(model, val[:, :-1], batch)
+    scan = scan_depths(model, ids, batch, targets)
+    val_scan = scan_depths(model, val[:, :-1], batch)
+    train_scan = scan_depths(model, train[:, :-1], batch)
+    classifier = train_classifier(train_scan.states, train_scan.agree, cfg.min_depth)
+    del train_scan
+    signals = {  # name: (test scores, val scores), each (D, N, T), higher = exit
+        "calm": (scan.conf, val_scan.conf),
+        "classifier": (classifier(scan.states[:-1]), classifier(val_scan.states[:-1])),
+        "latent": (latent_scores(scan.states), latent_scores(val_scan.states)),
+    }
+    states, full_logits = scan.states, scan.full_logits
     full_top1 = full_logits.argmax(-1)
     rows: list[dict] = []
 
@@ -144,6 +191,12 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
               f"layers {row['mean_layers']:5.2f}  saved {row['saved_fraction']:.1%}  flops {row['compute_fraction']:.1%}",
               flush=True)
 
+    def from_states(depth: Tensor) -> Tensor:
+        """Logits decoded from each token's full-depth state at its depth (as if no token had exited)."""
+        at_depth = states.gather(0, depth[None, ..., None].expand(1, *depth.shape, states.shape[-1]))[0]
+        with torch.no_grad():
+            return model.head(model.norm(model.adapt_exit(at_depth, depth))).float()
+
     for budget in tqdm(budgets, desc="budgets", unit="budget"):
         if budget >= 1.0:
             add("full", 1.0, full_logits, torch.full(ids.shape, cfg.max_depth))
@@ -151,13 +204,12 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
         price = cal.price_for_budget(budget)
         logits, depth = forward_logits(model, ids, ExitSpec(price=price), batch)
         add("exit-head", budget, logits, depth, price=price)
-        at_depth = states.gather(0, depth[None, ..., None].expand(1, *depth.shape, states.shape[-1]))[0]
-        with torch.no_grad():
-            add("exit-head-full-kv", budget, model.head(model.norm(model.adapt_exit(at_depth, depth))).float(), depth)
-        threshold = calm_threshold(val_conf, budget, cfg.min_depth)
-        depth = calm_depths(conf, threshold, cfg.min_depth)
-        logits, depth = forward_logits(model, ids, None, batch, depths=depth)
-        add("calm", budget, logits, depth, threshold=threshold)
+        add("exit-head-full-kv", budget, from_states(depth), depth)
+        for name, (score, val_score) in signals.items():
+            threshold = calm_threshold(val_score, budget, cfg.min_depth)
+            logits, depth = forward_logits(model, ids, None, batch, depths=calm_depths(score, threshold, cfg.min_depth))
+            add(name, budget, logits, depth, threshold=threshold)
+        add("oracle", budget, from_states(depth := oracle_depths(scan.nll, budget * cfg.max_depth, cfg.min_depth)), depth)
         d = max(cfg.min_depth, round(budget * cfg.max_depth))
         for method, adapters in (("adapters", True), ("logit-lens", False)):
             add(method, budget, decode_at(model, states[d], d, adapters), torch.full(ids.shape, d))
@@ -209,9 +261,26 @@ def print_table(result: dict) -> None:
               f"{r['saved_fraction']:6.1%} {r['compute_fraction']:6.1%}")
 
 
-def eval_exits_main(path: Path, budgets: list[float], n_windows: int, window: int, out: str) -> dict:
+def record_quality(path: Path, result: dict) -> Calibration:
+    """Write the served rule's measured cost per budget (the exit head, and full depth) into the
+    checkpoint's calibration.json, where /v1/models publishes it."""
+    cal = load_calibration(path)
+    full = next(r for r in result["rows"] if r["method"] == "full")
+    cal.quality = [{"budget": r["budget"], "ppl": r["ppl"], "ppl_increase": r["ppl"] / full["ppl"] - 1,
+                    "top1_agreement": r["top1_agreement"], "mean_depth_fraction": r["mean_layers"] / result["max_depth"]}
+                   for r in result["rows"] if r["method"] in ("full", "exit-head")]
+    cal.quality.sort(key=lambda q: -q["budget"])
+    cal.quality_measured_on = f"{result['eval_text']}, held out from training (ponder eval-exits)"
+    cal.save(path / "calibration.json")
+    return cal
+
+
+def eval_exits_main(path: Path, budgets: list[float], n_windows: int, window: int, out: str, record: bool = True) -> dict:
     result = evaluate_exits(path, budgets, n_windows, window)
     print_table(result)
+    if record:
+        record_quality(path, result)
+        print(f"recorded the quality per budget in {path / 'calibration.json'}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(out + ".png"))

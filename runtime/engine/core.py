@@ -80,6 +80,8 @@ class EngineCore:
             max_model_len=max_len, num_kv_blocks=num_blocks, block_size=block, max_waiting=self.config.max_waiting,
             max_num_seqs=self.config.max_num_seqs,
             default_compute_budget=self.config.default_compute_budget,
+            budget_quality=checkpoint.calibration.quality,
+            budget_quality_measured_on=checkpoint.calibration.quality_measured_on,
         )
 
     def add_request(self, request_id: str, valid: ValidRequest) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                  **engine_kwargs) -> None:
         dev = resolve_device(device)
+        # Offline generation queues every prompt at once; there is no client to shed load for.
+        engine_kwargs.setdefault("max_waiting", sys.maxsize)
         self.engine = LLMEngine(load_checkpoint(model, device=dev, dtype=resolve_dtype(dtype, dev)),
                                 EngineConfig(**engine_kwargs))
         self.tokenizer = self.engine.tokenizer

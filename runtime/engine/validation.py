@@ -40,6 +40,8 @@ class CoreInfo:
     max_num_seqs: int
     max_waiting: int
     default_compute_budget: float
+    budget_quality: list[dict[str, float]] = field(default_factory=list)  # calibration.json's measured cost per budget
+    budget_quality_measured_on: str = ""
 
 
 @dataclass

@@ -88,7 +88,11 @@ def test_other_errors(client):
 
 
 def test_models_health_version_tokenize_metrics(client):
-    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == "tiny"
+    # What each budget costs, from the checkpoint's calibration.json, before anyone sends it.
+    assert model["compute_budgets"] == {"default": 1.0, "measured_on": "test data", "quality": [
+        {"budget": 1.0, "ppl": 60.0, "ppl_increase": 0.0}, {"budget": 0.5, "ppl": 66.0, "ppl_increase": 0.1}]}
     assert client.get("/health").json()["healthy"]
     assert client.get("/version").json()["version"]
     ids = client.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]

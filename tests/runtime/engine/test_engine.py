@@ -32,7 +32,10 @@ def make_engine(kv_fill="propagate", seed=0, **engine_kwargs) -> LLMEngine:
         ids = torch.randint(0, 64, (4, 32))
         for p in prices:
             fracs.append(float(model(ids, ExitSpec(price=p)).depth.float().mean()) / 3)
-    calibration = Calibration(prices=prices, depth_fractions=fracs, measured_on="random")
+    calibration = Calibration(prices=prices, depth_fractions=fracs, measured_on="random",
+                              quality=[{"budget": 1.0, "ppl": 60.0, "ppl_increase": 0.0}, {"budget": 0.5, "ppl": 66.0,
+                                                                                           "ppl_increase": 0.1}],
+                              quality_measured_on="test data")
     ckpt = Checkpoint(model=model, tokenizer=symbol_tokenizer(SYMBOLS), calibration=calibration)
     return LLMEngine(ckpt, EngineConfig(**{"block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 64, **engine_kwargs}))
 
