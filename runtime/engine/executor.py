@@ -68,6 +68,8 @@ class _Batch:
     sin: Tensor
     one_row_per_seq: bool  # a pure decode step: row i is sequence i
     decode_mask: Tensor | None  # (S, 1, W * block_size) True on each sequence's context, for decode steps
+    starts: list[int]  # each sequence's first position in this chunk
+    lengths: list[int]  # each sequence's chunk length
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +98,8 @@ class Padding:
 
 
 class Executor:
+    per_sequence_attention = True  # prefill and mixed steps attend one sequence at a time (`_attend_per_sequence`)
+
     def __init__(self, model: PonderModel, cache: PagedKVCache) -> None:
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.device = next(model.parameters()).device
@@ -307,6 +311,11 @@ class Executor:
         out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
         return block.feedforward(x + block.attn.out(padding.unpad(out.transpose(1, 2)).flatten(1)))
 
+    def _block_rows(self, layer: Layer, x: Tensor, attn: Tensor) -> Tensor:
+        """The layer on rows x (n, d) given their attention outputs (n, H, D)."""
+        block, x = self._block(layer, x)
+        return block.feedforward(x + block.attn.out(attn.flatten(1)))
+
     def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
         """Exit adapters on rows h (n, d) by their core depth (identity for models without them)."""
         return self.model.adapt_exit(h, depth)
@@ -332,7 +341,8 @@ class Executor:
         decode = all(len(s.token_ids) == 1 for s in seqs)
         decode_mask = (key_pos[None, :] < ctx_len[:, None])[:, None] if decode else None
         index = tables[seq_ids, pos // bs] * bs + pos % bs
-        return _Batch(pos, index, seq_ids, tables, ctx_len, cos, sin, decode, decode_mask)
+        return _Batch(pos, index, seq_ids, tables, ctx_len, cos, sin, decode, decode_mask,
+                      [s.start_position for s in seqs], [len(s.token_ids) for s in seqs])
 
     def _exit_bars(self, seqs: list[SeqInput]) -> Tensor:
         """(N, max_depth): a row exits before step s when its exit score is below bar[row, s]; +inf from
@@ -368,12 +378,15 @@ class Executor:
         return self._attend(layer, h, q, rows, slot, batch)
 
     def _attend(self, layer: Layer, x: Tensor, q: Tensor | None, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
-        """The layer on rows (inputs x: (n, d)) over their sequences' cached slot, all in one padded
-        attention call: rows are laid out per sequence as (R, M, d)."""
+        """The layer on rows (inputs x: (n, d)) over their sequences' cached slot. A decode step is one
+        padded call (row i is sequence i); otherwise each sequence attends over its own context
+        (`_attend_per_sequence`), or, for a backend without that, all rows in one padded call."""
         N = batch.num_rows
         if batch.one_row_per_seq:  # decode: every row is its own sequence
             padding = Padding(None, None, len(rows), 1)
             tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
+        elif self.per_sequence_attention:
+            return self._block_rows(layer, x, self._attend_per_sequence(q, rows, slot, batch))
         else:
             seq = batch.seq[rows]
             present, inverse, counts = torch.unique(seq, return_inverse=True, return_counts=True)
@@ -387,6 +400,30 @@ class Executor:
         k, v = self.cache.gather(slot, tables)
         cos, sin = self._take(batch.cos, rows, N), self._take(batch.sin, rows, N)
         return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
+
+    def _attend_per_sequence(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
+        """Attention outputs (n, H, D) of rows with queries q (n, H, D), one call per sequence over exactly
+        its context: plain causal SDPA (no mask; the kernel skips the masked half) for a whole chunk
+        from position 0, a causal mask for a chunk after cached context or a subset of rows. Padding
+        every sequence to the longest (one call) would cost a 1024-token prefill's attention once per
+        decode row beside it."""
+        bs, out = self.cache.block_size, []
+        present, counts = torch.unique_consecutive(batch.seq[rows], return_counts=True)  # rows of a sequence are contiguous
+        at = 0
+        for i, n in zip(present.tolist(), counts.tolist()):
+            ctx = batch.starts[i] + batch.lengths[i]
+            k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
+            k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
+            q_i = q[at : at + n].transpose(0, 1)[None]  # (1, H, n, D)
+            gqa = k.shape[1] != q.shape[1]
+            if n == batch.lengths[i] and (batch.starts[i] == 0 or n == 1):  # whole chunk: causal from the top left
+                out.append(F.scaled_dot_product_attention(q_i, k, v, is_causal=n > 1, enable_gqa=gqa))
+            else:
+                key_pos = torch.arange(ctx, device=self.device)
+                mask = key_pos[None, :] <= batch.positions[rows[at : at + n]][:, None]
+                out.append(F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, enable_gqa=gqa))
+            at += n
+        return torch.cat(out, dim=2)[0].transpose(0, 1)
 
     # ----- outputs -----
 

@@ -24,6 +24,7 @@ GRAPH_FIELDS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "n_pre
 
 
 class OrtExecutor(Executor):
+    per_sequence_attention = False  # its exported block graph takes the padded layout
     def __init__(self, cfg: ModelConfig, graph_dir: str | Path, cache: PagedKVCache, num_threads: int | None = None):
         try:
             import onnxruntime as ort
