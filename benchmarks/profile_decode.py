@@ -9,14 +9,15 @@ Ceilings (this process, the same threads):
     kernels can beat, and its GFLOP/s.
 The model's work: the weight bytes one decode step must read (each linear weight once, the
 embedding rows aside) and the FLOPs of one prefill of --prefill-len tokens (linears, causal
-attention, the LM head of the last token; and the attention as the engine computes it, over
-the whole padded context under a mask).
+attention, the LM head of the last token; the engine runs a whole prompt from position 0 as
+causal SDPA, whose kernel skips the masked half, so that is also the attention as run).
 Measured on the engine (LLMEngine, greedy, ignore_eos, full depth): ms per decode step at each
 batch with --context tokens of context, the part of it in Executor.run (the forward), ops per
 step (torch.profiler: every ATen and oneDNN op event, and those called from Python), the ops that
 take the most self time; and one --prefill-len prefill. With several --kernels (runtime/layers.py:
 aten, onednn, auto) every variant runs in each round, in rotated order, and the ratios of their
-times are medians of per-round ratios. JSON: results/profile-decode.json.
+times are medians of per-round ratios; `--fuse-linears on,off` adds the unfused q/k/v and gate/up
+(EngineConfig.fuse_linears) as variants. JSON: results/profile-decode.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import argparse
 import platform
 import statistics
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def linear_ceiling(mats: list[torch.Tensor], rows: int, repeats: int, kernel: st
             "weight_gb_s": sum(w.numel() * w.element_size() for w in mats) / seconds / 1e9}
 
 
-def prefill_flops(model: PonderModel, T: int, block_size: int) -> dict:
+def prefill_flops(model: PonderModel, T: int) -> dict:
     """FLOPs of one T-token prefill at full depth (logits of the last token only)."""
     cfg = model.cfg
     layers = cfg.n_prelude + cfg.max_depth + cfg.n_coda
@@ -106,9 +107,9 @@ def prefill_flops(model: PonderModel, T: int, block_size: int) -> dict:
     head = 2 * cfg.d_model * cfg.vocab_size
     per_key = 2 * 2 * cfg.n_heads * cfg.head_dim  # q.k and p.v, 2 FLOPs a MAC
     causal = layers * per_key * T * (T + 1) // 2
-    padded = layers * per_key * T * (-(-T // block_size) * block_size)  # every key of the padded context, masked
-    return {"tokens": T, "linear": linear, "head": head, "attention_causal": causal, "attention_as_run": padded,
-            "total_causal": linear + head + causal, "total_as_run": linear + head + padded}
+    as_run = causal  # Executor._attend_per_sequence: plain causal SDPA over exactly the prompt
+    return {"tokens": T, "linear": linear, "head": head, "attention_causal": causal, "attention_as_run": as_run,
+            "total_causal": linear + head + causal, "total_as_run": linear + head + as_run}
 
 
 OP_PREFIXES = ("aten::", "mkldnn::")  # dispatcher ops: ATen's and the oneDNN linears'
@@ -199,12 +200,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--kernels", type=csv_of(str), default="auto",
                    help="CPU linear kernels to compare in this run (runtime/layers.py): auto, aten, onednn")
-    p.add_argument("--rounds", type=int, default=1, help="rounds over --kernels, in rotated order")
+    p.add_argument("--fuse-linears", type=csv_of(str), default="on",
+                   help="on, off or on,off: q/k/v and gate/up as one GEMM each (EngineConfig.fuse_linears); "
+                        "each setting gets its own engine and copy of the weights")
+    p.add_argument("--rounds", type=int, default=1, help="rounds over the variants, in rotated order")
     p.add_argument("--out", default="results/profile-decode.json")
     args = p.parse_args(argv)
     bad = [k for k in args.kernels if k not in LINEAR_KERNELS]
     if bad or not args.kernels:
         p.error(f"--kernels {','.join(args.kernels)}: name some of {', '.join(LINEAR_KERNELS)}")
+    if not args.fuse_linears or any(f not in ("on", "off") for f in args.fuse_linears):
+        p.error(f"--fuse-linears {','.join(args.fuse_linears)}: on, off or both")
     return args
 
 
@@ -216,13 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.peer_serve import prepare_weights
 
         args.model = str(prepare_weights(args.source)[1])
-    ckpt = load_checkpoint(args.model)
-    model, cfg = ckpt.model, ckpt.config
-    block_size = 16
-    engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=max(args.batches), block_size=block_size,
-                                          max_num_batched_tokens=max(args.prefill_len,
-                                                                     max(args.batches) * args.context),
-                                          max_model_len=max(args.prefill_len, args.context + 64) + 16))
+    engines = {fuse: LLMEngine(load_checkpoint(args.model), EngineConfig(
+        max_num_seqs=max(args.batches), block_size=16, max_num_batched_tokens=max(args.prefill_len, max(args.batches) * args.context),
+        max_model_len=max(args.prefill_len, args.context + 64) + 16, fuse_linears=fuse == "on")) for fuse in args.fuse_linears}
+    model = next(iter(engines.values())).ckpt.model
+    cfg = model.cfg
     mats = decode_weights(model)
     weight_bytes = sum(w.numel() * w.element_size() for w in mats)
     ceiling_kernels = ["aten"] + (["onednn"] if onednn_candidate(mats[0].dtype) else [])
@@ -231,24 +235,29 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
         "dtype": str(next(model.parameters()).dtype),
         "decode_weight_bytes": weight_bytes,
-        "prefill_flops": prefill_flops(model, args.prefill_len, block_size),
+        "prefill_flops": prefill_flops(model, args.prefill_len),
         "read_bandwidth_gb_s": read_bandwidth(),
         "linear_ceilings": [linear_ceiling(mats, rows, args.repeats, k) for k in ceiling_kernels
                             for rows in (1, 16, args.prefill_len)],
     }
     prompts = make_prompts(None, cfg.vocab_size, max(args.batches) + 1, max(args.context, args.prefill_len))
 
-    def once(kernel: str) -> dict:
+    variants = {(f"{k}/{'fused' if f == 'on' else 'unfused'}" if len(args.fuse_linears) > 1 else k): (k, f)
+                for f in args.fuse_linears for k in args.kernels}
+
+    def once(variant: str) -> dict:
+        kernel, fuse = variants[variant]
         set_linear_kernel(kernel)
+        engine = engines[fuse]
         decode = [decode_profile(engine, [p[:args.context] for p in prompts[:b]], args.steps, args.profile_steps)
                   for b in args.batches]
         prefill = prefill_time(engine, prompts[-1][:args.prefill_len], max(2, args.repeats // 2))
         return {"decode": decode, "prefill_s": prefill}
 
-    rounds = run_rounds(args.kernels, args.rounds, once, "profile" if args.rounds > 1 else None)
+    rounds = run_rounds(list(variants), args.rounds, once, "profile" if args.rounds > 1 else None)
     result["kernel_choices"] = linear_kernel_choices()
     result["rounds"] = [{"order": list(r), **r} for r in rounds]
-    result |= combine(rounds, args.kernels, args.batches)
+    result |= combine(rounds, list(variants), args.batches)
     report(result)
     write_results(args.out, result)
     return result
@@ -286,7 +295,7 @@ def report(r: dict) -> None:
             best[c["rows"]] = c
     f = r["prefill_flops"]
     for kernel, v in r["variants"].items():
-        print(f"kernels {kernel}:")
+        print(f"variant {kernel}:")
         for d in v["decode"]:
             floor = best.get(d["batch"], best[16] if d["batch"] > 1 else best[1])
             print(f"  decode batch {d['batch']:>2} (context {d['context']}): {d['ms_per_step']:.1f} ms/step "

@@ -153,6 +153,22 @@ class Linear(nn.Linear):
         return _onednn(x, packed, self.bias)
 
 
+def fuse_linears(linears: list[nn.Linear]) -> Linear:
+    """One bias-free linear for several that read the same input: its weight stacks their rows, and each
+    of theirs becomes a view of it, so the fused copy costs no memory and the separate linears (the
+    reference forward, exporters) keep reading the same numbers. Not registered as a submodule, so
+    state dicts are unchanged; inference only (fuse after loading and placing the weights)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    at = 0
+    for linear in linears:
+        n = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[at : at + n], requires_grad=False)
+        at += n
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -182,6 +198,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    wqkv: Linear | None = None  # q, k and v in one GEMM, once `fuse()` made it
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -197,10 +215,18 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
 
+    def fuse(self) -> None:
+        if self.wqkv is None:
+            object.__setattr__(self, "wqkv", fuse_linears([self.wq, self.wk, self.wv]))
+
     def project_rows(self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """Rows x (n, d) of normed input, cos/sin (n, D) -> k, v (n, Hkv, D) and, if asked, queries q (n, H, D);
         rotated."""
         n, H, Hkv, D = len(x), self.n_heads, self.n_kv_heads, self.head_dim
+        if queries and self.wqkv is not None:
+            qkv = self.wqkv(x).view(n, H + 2 * Hkv, D)
+            qk = apply_rope(qkv[:, : H + Hkv], cos[:, None], sin[:, None])  # one rotation for queries and keys
+            return qk[:, H:], qkv[:, H + Hkv :], qk[:, :H]
         v = self.wv(x).view(n, Hkv, D)
         if not queries:
             return apply_rope(self.wk(x).view(n, Hkv, D), cos[:, None], sin[:, None]), v, None
@@ -225,13 +251,22 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    w_gate_up: Linear | None = None  # gate and up in one GEMM, once `fuse()` made it
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
+    def fuse(self) -> None:
+        if self.w_gate_up is None:
+            object.__setattr__(self, "w_gate_up", fuse_linears([self.w_gate, self.w_up]))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.w_gate_up is not None and not torch.is_grad_enabled():
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -244,6 +279,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
+
+    def fuse(self) -> None:
+        """Inference: q/k/v and gate/up each in one GEMM (fewer, larger calls; no extra memory)."""
+        self.attn.fuse()
+        self.mlp.fuse()
 
     def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The K/V entry this block writes for input x (B, T, d)."""

@@ -12,7 +12,8 @@ LoRA deltas of every block's linears, with four parts in one loss:
   probability layer_dropout * s / (max_depth - 1), so no single late layer is indispensable.
 - self-distillation: every token, at its exit, matches the frozen original's full-depth
   distribution (KL), computed on the fly by the same weights with the deltas switched off.
-- the full-depth tokens' share of that KL is what keeps full depth close to the original.
+- the full-depth tokens' share of that KL is what keeps full depth close to the original, and
+  `full_rows` windows per step run wholly at full depth without dropout, as budget 1.0 serves them.
 
 After the deltas are merged, the value head (and the adapters) are refit on the new backbone's
 cached states as adapt-exits does, and calibration.json is measured. The checkpoint ships only the
@@ -51,6 +52,7 @@ class FinetuneConfig:
     lr: float = 5e-4
     warmup: int = 50
     full_depth_frac: float = 0.35
+    full_rows: int = 1  # windows per step run entirely at full depth with no layer dropout: the original's anchor
     curriculum_frac: float = 0.3  # share of steps over which the lowest exit falls to min_depth
     layer_dropout: float = 0.1  # skip probability at the last layer
     self_text: str = ""  # a 1-D token tensor from training.self_text ('' for Austen only)
@@ -100,6 +102,7 @@ def sample_exits(cfg: FinetuneConfig, model_cfg, step: int, shape: tuple[int, in
     p_skip = cfg.layer_dropout * torch.arange(D) / max(1, D - 1)
     p_skip[:first] = 0.0
     skip = torch.rand(*shape, D, generator=g) < p_skip
+    exit_step[: cfg.full_rows], skip[: cfg.full_rows] = D, False  # served at budget 1.0: every token at full depth
     return exit_step, skip
 
 
@@ -196,6 +199,7 @@ def finetune(cfg: FinetuneConfig, work: Path, run_steps: int | None = None) -> t
         g.set_state(state["generator"])
         step, tokens, seconds_before = state["step"], state["tokens"], state["seconds"]
         print(f"resumed at step {step} ({tokens:,} tokens)")
+        _log(metrics_path, {"step": step, "tokens": tokens, "resumed_with": asdict(cfg)})
     else:
         set_lora_enabled(layers, False)
         original = static_depth_ppl(model.eval(), eval_ids, eval_depths)

@@ -32,6 +32,7 @@ class EngineConfig:
     default_compute_budget: float = 1.0
     backend: str = "torch"  # torch | onnx (onnxruntime sessions over the graphs in onnx_dir)
     onnx_dir: str | None = None  # written by `ponder export --format onnx` from the same checkpoint
+    fuse_linears: bool = True  # torch backend: q/k/v and gate/up each as one GEMM
 
     def __post_init__(self) -> None:
         if not 0.0 < self.default_compute_budget <= 1.0:
@@ -69,7 +70,7 @@ class EngineCore:
 
             self.executor = OrtExecutor(cfg, self.config.onnx_dir, self.cache)
         else:
-            self.executor = Executor(checkpoint.model.eval(), self.cache)
+            self.executor = Executor(checkpoint.model.eval(), self.cache, self.config.fuse_linears)
         thinks = cfg.default_thought_tokens is not None  # trained to open its own thoughts
         self.executor.structured = StructuredOutputManager(checkpoint.tokenizer, cfg.vocab_size, cfg.eos_id,
                                                            cfg.think_start_id if thinks else None)

@@ -100,9 +100,12 @@ class Padding:
 class Executor:
     per_sequence_attention = True  # prefill and mixed steps attend one sequence at a time (`_attend_per_sequence`)
 
-    def __init__(self, model: PonderModel, cache: PagedKVCache) -> None:
+    def __init__(self, model: PonderModel, cache: PagedKVCache, fuse_linears: bool = True) -> None:
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.device = next(model.parameters()).device
+        if fuse_linears:  # q/k/v and gate/up as one GEMM each (runtime/layers.py: fuse_linears)
+            for block in [*model.prelude, *model.pool, *model.coda]:
+                block.fuse()
         self._init_state()
 
     def _init_state(self) -> None:

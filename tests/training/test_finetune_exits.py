@@ -30,7 +30,7 @@ def test_exit_forward_is_the_reference_forward_with_those_depths():
 
 
 def test_sampled_exits_follow_the_curriculum_and_min_depth():
-    cfg, model_cfg = FinetuneConfig(steps=100, curriculum_frac=0.5, full_depth_frac=0.25), dense().cfg
+    cfg, model_cfg = FinetuneConfig(steps=100, curriculum_frac=0.5, full_depth_frac=0.25, full_rows=0), dense().cfg
     g = torch.Generator().manual_seed(0)
     early, skip = sample_exits(cfg, model_cfg, 0, (64, 64), g)
     late, _ = sample_exits(cfg, model_cfg, 60, (64, 64), g)
@@ -38,6 +38,8 @@ def test_sampled_exits_follow_the_curriculum_and_min_depth():
     assert set(late.unique().tolist()) == {1, 2, 3, 4}  # then down to min_depth
     assert abs(float((late == 4).float().mean()) - 0.25) < 0.03  # full depth: full_depth_frac
     assert not skip[..., 0].any() and skip[..., 3].float().mean() > skip[..., 1].float().mean()
+    anchored, skip = sample_exits(FinetuneConfig(steps=100, full_rows=2), model_cfg, 60, (8, 64), g)
+    assert anchored[:2].eq(4).all() and not skip[:2].any() and not anchored[2:].eq(4).all()
 
 
 def test_lora_factors_ship_over_the_base_and_merge_at_load(adapted, tmp_path):
@@ -79,7 +81,7 @@ def test_finetune_resumes_where_it_stopped_and_writes_a_servable_checkpoint(adap
     for name, value in state["params"].items():  # 3 steps, a restart, 3 more: the same as 6 in one go
         assert torch.allclose(value, trained[name]), name
     rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 3, 6]
+    assert [r["step"] for r in rows] == [0, 3, 3, 6] and "resumed_with" in rows[2]
     assert set(rows[1]["ppl_at_depth"]) == set(rows[0]["original_ppl_at_depth"])
     ckpt = load_checkpoint(out)
     assert ckpt.model.cfg.notes["finetuned"]["tokens"] == 6 * 2 * 32
