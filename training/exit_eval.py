@@ -8,7 +8,12 @@ Methods, each at the compute budgets asked for (target fraction of layers run):
   logit-lens     every token exits at the same depth, decoded by the final norm and head as is
   classifier     CALM's trained classifier of "this depth's top-1 is the final top-1" (exit_signals)
   latent         Huginn's latent criterion: the state's relative change over the last step
-  oracle         the hindsight bound: each token's depth chosen knowing its label's NLL at every depth
+  oracle         hindsight with labels: each token's depth chosen knowing its label's NLL at every
+                 depth (it can beat full depth: it picks whichever depth guessed right)
+  oracle-kl      hindsight without labels: each token's depth chosen knowing how far each depth's
+                 distribution is from full depth's (KL); the best fidelity to full depth at that mean
+                 depth, so what separates a signal from it is the signal, and what separates it
+                 from full depth is the backbone
   exit-head-full-kv  a diagnostic: the exit head's depths, each token decoded from its full-depth
                  state at that depth, as if exited tokens still wrote every layer's KV (no KV
                  saving; shows what the kv_fill itself costs)
@@ -41,7 +46,8 @@ from runtime.model import ExitSpec, PonderModel
 from training.exit_signals import latent_scores, oracle_depths, train_classifier
 from training.text_windows import windows
 
-METHODS = ("exit-head", "exit-head-full-kv", "calm", "classifier", "latent", "oracle", "adapters", "logit-lens")
+METHODS = ("exit-head", "exit-head-full-kv", "calm", "classifier", "latent", "oracle", "oracle-kl", "adapters",
+           "logit-lens")
 
 
 def compute_fraction(cfg, depth: Tensor, method: str) -> float:
@@ -58,7 +64,7 @@ def compute_fraction(cfg, depth: Tensor, method: str) -> float:
         cost = cost + tests * (m["head"] + m["adapter"]) + fill
     elif method in ("classifier", "latent"):  # one d_model dot product, or two norms, per test
         cost = cost + tests * cfg.d_model * (1 if method == "classifier" else 2) + m["adapter"] + fill
-    elif method == "oracle":  # a bound: no test is charged, and it reads full-depth states
+    elif method in ("oracle", "oracle-kl"):  # bounds: no test is charged, and they read full-depth states
         cost = cost + m["adapter"]
     elif method == "adapters":
         cost = cost + m["adapter"]
@@ -92,37 +98,42 @@ class DepthScan:
     agree: Tensor  # (D, N, T): that decode's top-1 equals the full-depth top-1
     states: Tensor  # (D+1, N, T, d): the state entering each step, and the final one
     nll: Tensor | None = None  # (D+1, N, T): the label's NLL decoded at each depth (inf below min_depth)
+    kl: Tensor | None = None  # (D+1, N, T): KL(full depth || the decode at each depth) (inf below min_depth)
 
 
 @torch.no_grad()
 def scan_depths(model: PonderModel, ids: Tensor, batch: int, targets: Tensor | None = None) -> DepthScan:
     cfg = model.cfg
-    full, conf, agree, all_states, nll = [], [], [], [], []
+    full, conf, agree, all_states, nll, kl = [], [], [], [], [], []
     for i in tqdm(range(0, len(ids), batch), desc="full-depth pass", unit="batch"):
         out = model(ids[i : i + batch], return_states=True)
         full.append(out.logits.float())
         top1 = out.logits.argmax(-1)
+        full_logp = out.logits.float().log_softmax(-1)
         all_states.append(torch.stack(out.states))  # (D+1, b, T, d)
-        c, a, n = [], [], []
+        c, a, n, k = [], [], [], []
         for d in range(cfg.max_depth + 1):
             if d < cfg.min_depth:
                 c.append(torch.zeros(out.depth.shape))
                 a.append(torch.zeros(out.depth.shape, dtype=torch.bool))
                 n.append(torch.full(out.depth.shape, float("inf")))
+                k.append(torch.full(out.depth.shape, float("inf")))
                 continue
             logits = decode_at(model, out.states[d], d, True)
+            k.append((full_logp.exp() * (full_logp - logits.log_softmax(-1))).sum(-1).clamp_min(0))
             if d < cfg.max_depth:
                 c.append(logits.softmax(-1).amax(-1))
                 a.append(logits.argmax(-1) == top1)
             if targets is not None:
                 y = targets[i : i + batch]
                 n.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
+        kl.append(torch.stack(k))
         conf.append(torch.stack(c[: cfg.max_depth]))
         agree.append(torch.stack(a[: cfg.max_depth]))
         if targets is not None:
             nll.append(torch.stack(n))
     return DepthScan(torch.cat(full), torch.cat(conf, dim=1), torch.cat(agree, dim=1), torch.cat(all_states, dim=1),
-                     torch.cat(nll, dim=1) if nll else None)
+                     torch.cat(nll, dim=1) if nll else None, torch.cat(kl, dim=1))
 
 
 def calm_depths(conf: Tensor, threshold: float, min_depth: int) -> Tensor:
@@ -209,7 +220,9 @@ def evaluate_exits(path: Path, budgets: list[float], n_windows: int, window: int
             threshold = calm_threshold(val_score, budget, cfg.min_depth)
             logits, depth = forward_logits(model, ids, None, batch, depths=calm_depths(score, threshold, cfg.min_depth))
             add(name, budget, logits, depth, threshold=threshold)
-        add("oracle", budget, from_states(depth := oracle_depths(scan.nll, budget * cfg.max_depth, cfg.min_depth)), depth)
+        for name, cost in (("oracle", scan.nll), ("oracle-kl", scan.kl)):
+            depth = oracle_depths(cost, budget * cfg.max_depth, cfg.min_depth)
+            add(name, budget, from_states(depth), depth)
         d = max(cfg.min_depth, round(budget * cfg.max_depth))
         for method, adapters in (("adapters", True), ("logit-lens", False)):
             add(method, budget, decode_at(model, states[d], d, adapters), torch.full(ids.shape, d))

@@ -243,12 +243,37 @@ def finetune(cfg: FinetuneConfig, work: Path, run_steps: int | None = None) -> t
                    "kl_full_depth": _nanmean([a for a, _ in window_loss]), "kl_exited": _nanmean([b for _, b in window_loss]),
                    "ppl_at_depth": static_depth_ppl(model, eval_ids, eval_depths), "seconds": seconds_before + time.perf_counter() - started}
             _log(metrics_path, row)
+            plot_curve(metrics_path, work / "curve.png")
             tqdm.write(f"step {step}: {tokens:,} tokens, KL full {row['kl_full_depth']:.3f} exited {row['kl_exited']:.3f}, "
                        f"Persuasion ppl at depth {row['ppl_at_depth']}")
             window_loss = []
     bar.close()
     return model, tokenizer, {"layers": layers, "chat_template": ckpt.chat_template, "base": _base_of(Path(cfg.init)),
                               "step": step, "tokens": tokens}
+
+
+def plot_curve(metrics_path: Path, out: Path) -> None:
+    """Held-out Persuasion ppl at each eval depth against tokens trained, the original's as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    original = next(r["original_ppl_at_depth"] for r in rows if "original_ppl_at_depth" in r)
+    evals = [r for r in rows if "ppl_at_depth" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, depth in enumerate(original):
+        color = f"C{i}"
+        ax.plot([0] + [r["tokens"] for r in evals], [original[depth]] + [r["ppl_at_depth"][depth] for r in evals], "o-",
+                color=color, label=f"exit at layer {depth}")
+        ax.axhline(original[depth], color=color, ls="--", lw=1)
+    ax.set(xlabel="tokens trained", ylabel="Persuasion ppl (every token exits there)", yscale="log",
+           title="finetune-exits: held-out ppl by exit depth (dashed: before)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def _nanmean(xs: list[float]) -> float:

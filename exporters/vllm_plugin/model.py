@@ -8,21 +8,26 @@ checkpoint's kv_fill), then the active tokens attend and run their block; the re
 state. The weights, the exit head, the router and the block pieces are Ponder's own modules
 (runtime.model.PonderModel); only attention runs in vLLM.
 
-The exit price is set per server from the Hugging Face config: `exit_price`, or `compute_budget`
-through the calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`).
+Each request may set its own `compute_budget`, `exit_price`, `min_depth` and `max_depth` in the
+OpenAI body's `vllm_xargs`: the logits processor in request_params.py publishes them per batch row
+before each forward, and `_token_params` expands them to tokens. Requests without them get the
+server's defaults from the Hugging Face config: `exit_price`, or `compute_budget` through the
+calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`); none means full depth.
 Linear layers are replicated, not sharded: tensor and pipeline parallelism are not implemented.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 
-from runtime.calibration import Calibration
+from exporters.vllm_plugin import request_params
 from runtime.config import ModelConfig
 from runtime.layers import Block, apply_rope, rope_tables
 from runtime.model import PonderModel
@@ -35,22 +40,12 @@ def ponder_config(hf_config) -> ModelConfig:
     return ModelConfig(**{name: getattr(hf_config, name) for name in SUPPORTED_FIELDS})
 
 
-def exit_price(hf_config) -> float | None:
-    if getattr(hf_config, "exit_price", None) is not None:
-        return float(hf_config.exit_price)
-    budget = getattr(hf_config, "compute_budget", None)
-    if budget is None:
-        return None
-    table = hf_config.calibration
-    return Calibration(prices=table["prices"], depth_fractions=table["depth_fractions"]).price_for_budget(float(budget))
-
-
 class PonderForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         hf = vllm_config.model_config.hf_config
         self.cfg = cfg = ponder_config(hf)
-        self.price = exit_price(hf)
+        self.price = request_params.server_price(hf)
         self.ponder = PonderModel(cfg)
         self.ponder.head.weight = nn.Parameter(self.ponder.head.weight.detach().clone())  # the export writes it untied
         cache = vllm_config.cache_config
@@ -97,15 +92,40 @@ class PonderForCausalLM(nn.Module):
             h = self._layer(cfg.n_prelude + cfg.n_core_slots + i, block, h, cos, sin)
         return h
 
+    def _token_params(self, N: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Each token's (price, min_depth, max_depth): its request's, as the logits processor published
+        them for this step's batch rows, expanded by the rows' token counts; the server's defaults where
+        there is nothing (profile and dummy runs, or no processor loaded)."""
+        cfg = self.cfg
+        price = torch.full((N,), -math.inf if self.price is None else self.price, device=device)
+        lo = torch.full((N,), cfg.min_depth, dtype=torch.long, device=device)
+        hi = torch.full((N,), cfg.max_depth, dtype=torch.long, device=device)
+        rows, metadata = request_params.current(), get_forward_context().attn_metadata
+        if rows is None or metadata is None:
+            return price, lo, hi
+        meta = metadata[self.slots[0].layer_name] if isinstance(metadata, dict) else metadata
+        counts = meta.query_start_loc.diff()
+        if len(counts) != len(rows.price) or int(counts.sum()) > N:
+            return price, lo, hi  # not this step's rows: defaults rather than another request's
+        n = int(counts.sum())
+        price[:n] = torch.repeat_interleave(rows.price.to(device), counts)
+        lo[:n] = torch.repeat_interleave(rows.min_depth.to(device), counts)
+        hi[:n] = torch.repeat_interleave(rows.max_depth.to(device), counts).clamp_max(cfg.max_depth)
+        return price, lo, hi
+
     def _core(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cfg, m = self.cfg, self.ponder
         N = len(h)
         active = torch.ones(N, dtype=torch.bool, device=h.device)
+        price, lo, hi = self._token_params(N, h.device)
+        priced = bool(torch.isfinite(price).any())
         latest_k = latest_v = shared_kv = None
         for s in range(cfg.max_depth):
             h_step = m.step_input(h, s)
-            if self.price is not None and s >= cfg.min_depth:
-                active &= ~(m.exit_score(h_step, s) < self.price)
+            stop = s >= hi
+            if priced and s >= int(lo.min()):
+                stop |= (s >= lo) & (m.exit_score(h_step, s).float() < price)
+            active &= ~stop
             if m.router is not None:
                 choice = m.route_logits(h_step).argmax(-1)
             else:

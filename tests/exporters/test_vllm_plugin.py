@@ -73,6 +73,44 @@ def test_vllm_serve_matches_ponder_greedy(tmp_path, budget):
         assert min(d for c in want for d in c.outputs[0].exit_depths) < ckpt.config.max_depth
 
 
+def test_each_request_gets_its_own_compute_budget(tmp_path):
+    """Two requests at once, budgets 1.0 and 0.3 in vllm_xargs, on one server without overrides: each
+    one's greedy tokens equal Ponder's engine at its own budget's price, and a bad budget is a 400."""
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see CONTRIBUTING.md)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    ckpt = load_checkpoint(DEFAULT_MODEL)
+    budgets = {PROMPTS[0]: 1.0, PROMPTS[1]: 0.3}
+    base, proc = serve(export_hf(ckpt, tmp_path / "hf"))
+    try:
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model="austen-small", prompt=prompt, max_tokens=24, temperature=0.0,
+                                             extra_body={"vllm_xargs": {"compute_budget": budgets[prompt]}}).choices[0].text
+
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(complete, budgets))
+        with pytest.raises(openai.BadRequestError, match="compute_budget"):
+            client.completions.create(model="austen-small", prompt="x", max_tokens=2,
+                                      extra_body={"vllm_xargs": {"compute_budget": 1.5}})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    llm = LLM(DEFAULT_MODEL, device="cpu")
+    want, depths = [], []
+    for prompt, budget in budgets.items():  # vLLM holds the budget's price fixed, so the reference does too
+        compute = ComputeParams(exit_price=ckpt.calibration.price_for_budget(budget)) if budget < 1 else ComputeParams()
+        out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0), compute, use_tqdm=False)[0].outputs[0]
+        want.append(out.text)
+        depths.append(sum(out.exit_depths) / len(out.exit_depths))
+    assert got == want
+    assert depths[1] < depths[0] == ckpt.config.max_depth  # the 0.3 request really exited, the other did not
+
+
 VLLM_GREEDY = """
 import exporters.vllm_plugin.launch  # noqa: F401
 import json, sys

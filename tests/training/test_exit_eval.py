@@ -38,10 +38,13 @@ def test_eval_exits_compares_every_signal_and_records_the_quality(adapted):
     path, _ = adapted
     result = evaluate_exits(path, budgets=[1.0, 0.6], n_windows=4, window=33, kv_fill_budget=1.0)
     methods = {r["method"] for r in result["rows"]}
-    assert methods == {"full", "exit-head", "exit-head-full-kv", "calm", "classifier", "latent", "oracle", "adapters",
-                       "logit-lens"}
+    assert methods == {"full", "exit-head", "exit-head-full-kv", "calm", "classifier", "latent", "oracle", "oracle-kl",
+                       "adapters", "logit-lens"}
     for row in result["rows"]:
         assert row["mean_layers"] >= 1 and row["ppl"] > 0  # min_depth 1
+    oracle_kl = next(r for r in result["rows"] if r["method"] == "oracle-kl")
+    static = next(r for r in result["rows"] if r["method"] == "adapters")
+    assert oracle_kl["top1_agreement"] >= static["top1_agreement"] - 0.05  # hindsight tracks full depth at least as well
     cal = record_quality(path, result)
     assert [q["budget"] for q in cal.quality] == [1.0, 0.6]
     assert cal.quality[0]["ppl_increase"] == pytest.approx(0.0)

@@ -82,6 +82,7 @@ def test_finetune_resumes_where_it_stopped_and_writes_a_servable_checkpoint(adap
         assert torch.allclose(value, trained[name]), name
     rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 3, 3, 6] and "resumed_with" in rows[2]
+    assert (tmp_path / "parts" / "curve.png").stat().st_size > 0
     assert set(rows[1]["ppl_at_depth"]) == set(rows[0]["original_ppl_at_depth"])
     ckpt = load_checkpoint(out)
     assert ckpt.model.cfg.notes["finetuned"]["tokens"] == 6 * 2 * 32
