@@ -46,3 +46,31 @@ def test_engine_matches_transformers_greedy_and_exits_early_at_a_budget():
     assert full.token_ids == want and set(full.exit_depths) == {30}
     early = llm.generate([PROMPT], greedy, ComputeParams(compute_budget=0.6), use_tqdm=False)[0].outputs[0]
     assert sum(early.exit_depths) / len(early.exit_depths) < 27
+
+
+def test_finetuned_exits_ship_lora_over_the_base_and_publish_their_cost():
+    """The LoRA-tuned checkpoint: its deltas merge over the real base at load, it stays close to the
+    original at full depth, it is nearer the original than the frozen-backbone exits at budget 0.6,
+    and its calibration publishes measured quality per budget."""
+    from pathlib import Path
+
+    from runtime.base_model import base_checkpoint
+    from runtime.checkpoint import PRETRAINED_MODEL, load_checkpoint
+    from runtime.lora import has_lora
+    from runtime.model import ExitSpec
+
+    tuned_path = Path(PRETRAINED_MODEL).parent / "smollm2-135m-exits-ft"
+    assert has_lora(tuned_path) and not has_lora(Path(PRETRAINED_MODEL))
+    base, frozen, tuned = (load_checkpoint(p) for p in (base_checkpoint("smollm2-135m"), PRETRAINED_MODEL, tuned_path))
+    assert not torch.equal(tuned.model.pool[0].attn.wq.weight, base.model.pool[0].attn.wq.weight)  # merged deltas
+    ids = torch.tensor([base.tokenizer.encode(PROMPT * 3).ids])
+    with torch.no_grad():
+        original = base.model(ids).logits.argmax(-1)
+        assert (tuned.model(ids).logits.argmax(-1) == original).float().mean() > 0.7
+        agree = {}
+        for name, ckpt in (("frozen", frozen), ("tuned", tuned)):
+            price = ckpt.calibration.price_for_budget(0.6)
+            agree[name] = float((ckpt.model(ids, ExitSpec(price=price)).logits.argmax(-1) == original).float().mean())
+    assert agree["tuned"] > agree["frozen"], agree
+    budgets = [q["budget"] for q in tuned.calibration.quality]
+    assert 1.0 in budgets and 0.6 in budgets and tuned.calibration.quality_measured_on
