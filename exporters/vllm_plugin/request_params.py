@@ -27,6 +27,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from runtime.calibration import Calibration
 
 KEYS = ("compute_budget", "exit_price", "min_depth", "max_depth")
+UNBOUNDED = 2**31  # depth bound where the model's is unknown (the API server's validation)
 
 
 @dataclass
@@ -89,9 +90,11 @@ class PonderRequestParams(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """In the API server, before the request is queued: a bad value is a 400 there. The model's
+        depth is not known here, so depths past it are clamped in the worker (`_row`), never raised."""
         extra = sampling_params.extra_args or {}
         if any(k in extra for k in KEYS):
-            request_values(extra, max_depth=10**6)  # the model's own bound is checked again per row
+            request_values(extra, max_depth=UNBOUNDED)
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -100,7 +103,7 @@ class PonderRequestParams(LogitsProcessor):
         return logits
 
     def _row(self, params: SamplingParams, *_) -> tuple[float, int, int] | None:
-        got = request_values(params.extra_args or {}, self.hf.max_depth) if params.extra_args else {}
+        got = request_values(params.extra_args, UNBOUNDED) if params.extra_args else {}  # validated already
         if not got:
             return None
         price = self.default[0]
@@ -109,7 +112,8 @@ class PonderRequestParams(LogitsProcessor):
         elif "compute_budget" in got:
             p = price_for_budget(self.hf, float(got["compute_budget"]))
             price = -math.inf if p is None else p
-        return price, got.get("min_depth", self.default[1]), got.get("max_depth", self.default[2])
+        D = self.hf.max_depth
+        return price, min(got.get("min_depth", self.default[1]), D), min(got.get("max_depth", self.default[2]), D)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         global _current

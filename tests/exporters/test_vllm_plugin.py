@@ -97,6 +97,10 @@ def test_each_request_gets_its_own_compute_budget(tmp_path):
         with pytest.raises(openai.BadRequestError, match="compute_budget"):
             client.completions.create(model="austen-small", prompt="x", max_tokens=2,
                                       extra_body={"vllm_xargs": {"compute_budget": 1.5}})
+        # A depth past the model's (which the API server cannot know) is clamped in the worker, not fatal.
+        deep = client.completions.create(model="austen-small", prompt=PROMPTS[0], max_tokens=24, temperature=0.0,
+                                         extra_body={"vllm_xargs": {"min_depth": 1000}})
+        assert deep.choices[0].text == got[0]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
