@@ -110,6 +110,7 @@ def scan_depths(model: PonderModel, ids: Tensor, batch: int, targets: Tensor | N
         full.append(out.logits.float())
         top1 = out.logits.argmax(-1)
         full_logp = out.logits.float().log_softmax(-1)
+        full_p = full_logp.exp()
         all_states.append(torch.stack(out.states))  # (D+1, b, T, d)
         c, a, n, k = [], [], [], []
         for d in range(cfg.max_depth + 1):
@@ -120,7 +121,7 @@ def scan_depths(model: PonderModel, ids: Tensor, batch: int, targets: Tensor | N
                 k.append(torch.full(out.depth.shape, float("inf")))
                 continue
             logits = decode_at(model, out.states[d], d, True)
-            k.append((full_logp.exp() * (full_logp - logits.log_softmax(-1))).sum(-1).clamp_min(0))
+            k.append((full_p * (full_logp - logits.log_softmax(-1))).sum(-1).clamp_min(0))
             if d < cfg.max_depth:
                 c.append(logits.softmax(-1).amax(-1))
                 a.append(logits.argmax(-1) == top1)

@@ -118,12 +118,12 @@ class PonderForCausalLM(nn.Module):
         N = len(h)
         active = torch.ones(N, dtype=torch.bool, device=h.device)
         price, lo, hi = self._token_params(N, h.device)
-        priced = bool(torch.isfinite(price).any())
+        first_priced = int(lo.min()) if bool(torch.isfinite(price).any()) else cfg.max_depth  # one sync, not one per step
         latest_k = latest_v = shared_kv = None
         for s in range(cfg.max_depth):
             h_step = m.step_input(h, s)
             stop = s >= hi
-            if priced and s >= int(lo.min()):
+            if s >= first_priced:
                 stop |= (s >= lo) & (m.exit_score(h_step, s).float() < price)
             active &= ~stop
             if m.router is not None:

@@ -8,7 +8,8 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
     projection call; with kv_fill='propagate' rows that left the core write their fill entry
     in the same call, from their exit state. Then each group's rows still in the core attend
     and run the block's MLP: one gather -> block call -> scatter per group, so the cost of a
-    step scales with its active rows;
+    step scales with its active rows. A pure decode step attends in one padded call; otherwise
+    each sequence attends over exactly its own context (causal SDPA for a whole prompt);
   - the coda and head run on each row's exit state.
 """
 
