@@ -30,7 +30,7 @@ def build_app(engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.model_name, info.max_depth, engine.stats)
     shaper = RequestShaper(engine.validator, tokenizer, config)
     install_error_handlers(app)
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, admission=engine.admission_error)
 
     def run(seqs, prompts: list[list[int]]) -> RequestRun:
         return RequestRun(engine, metrics, seqs, sum(len(p) for p in prompts), config.request_timeout_s)

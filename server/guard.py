@@ -1,11 +1,15 @@
-"""API key, body size and body-read time limits, as plain ASGI middleware."""
+"""API key, admission, body size and body-read time limits, as plain ASGI middleware."""
 
 from __future__ import annotations
 
 import asyncio
 
+from typing import Callable
+
 from server.config import ServerConfig
-from server.errors import APIError
+from server.errors import APIError, api_error
+
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 class Guard:
@@ -13,10 +17,15 @@ class Guard:
     @app.middleware("http"), it adds no task or stream hop to each chunk of a streamed response.
 
     A POST body is read here whole (it is at most max_body_bytes), within body_timeout_s: a client
-    that sends its body a byte a second gets a 408 and holds nothing of the engine's."""
+    that sends its body a byte a second gets a 408 and holds nothing of the engine's.
 
-    def __init__(self, app, config: ServerConfig) -> None:
-        self.app, self.config = app, config
+    A generation request that the engine would refuse (full, draining, dead) gets its 429 or 503
+    before its body is read: under a retry storm each refusal costs no JSON parsing, tokenizing or
+    validation, so the event loop stays free for the streams that were admitted. The engine's own
+    check at `generate` stays the exact one (a request of n sequences may still not fit)."""
+
+    def __init__(self, app, config: ServerConfig, admission: Callable[[], Exception | None] | None = None) -> None:
+        self.app, self.config, self.admission = app, config, admission
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -32,6 +41,10 @@ class Guard:
                 scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if self.admission is not None and scope["path"] in GENERATE_PATHS:
+            refused = self.admission()
+            if refused is not None:
+                return await api_error(refused).response()(scope, receive, send)
         try:
             body = await asyncio.wait_for(self._read_body(receive), config.body_timeout_s)
         except asyncio.TimeoutError:

@@ -57,19 +57,27 @@ class AsyncLLM:
         """Raises ParamError (HTTP 400); call it for every sequence before generating any."""
         return self.validator.validate(prompt_token_ids, sampling, compute)
 
+    def admission_error(self) -> Exception | None:
+        """Why a new request would be refused now (dead, shutting down, or full), else None. Cheap:
+        the HTTP layer asks it before reading a body, so a 429 costs no parsing or tokenizing."""
+        if self.dead:
+            return EngineDeadError(f"the engine core is dead: {self.dead}")
+        if self.stopping:
+            return EngineShuttingDownError("the server is shutting down; retry on another replica")
+        info, s = self.info, self._stats
+        if s.num_running + s.num_waiting + self._num_unadmitted >= info.max_num_seqs + info.max_waiting:
+            return OverloadedError(f"{s.num_running} requests are running and {s.num_waiting + self._num_unadmitted} "
+                                   f"waiting (max_num_seqs={info.max_num_seqs}, max_waiting={info.max_waiting})")
+        return None
+
     def generate(self, request_id: str, valid: ValidRequest, index: int = 0) -> AsyncIterator[RequestOutput]:
         """Queue a request; its outputs come as an async iterator, one per step that produced
         something, the last with finished=True. Raises EngineDeadError, EngineShuttingDownError or
         OverloadedError here; a refusal by the core itself (overloaded) raises from the iterator.
         Call it from a running event loop."""
-        if self.dead:
-            raise EngineDeadError(f"the engine core is dead: {self.dead}")
-        if self.stopping:
-            raise EngineShuttingDownError("the server is shutting down; retry on another replica")
-        info, s = self.info, self._stats
-        if s.num_running + s.num_waiting + self._num_unadmitted >= info.max_num_seqs + info.max_waiting:
-            raise OverloadedError(f"{s.num_running} requests are running and {s.num_waiting + self._num_unadmitted} "
-                                  f"waiting (max_num_seqs={info.max_num_seqs}, max_waiting={info.max_waiting})")
+        error = self.admission_error()
+        if error is not None:
+            raise error
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self.processor.add_request(request_id, valid, index)

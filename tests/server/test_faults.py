@@ -115,3 +115,31 @@ def test_a_body_sent_a_byte_at_a_time_gets_408_and_others_are_served_meanwhile()
         slow.close()
     finally:
         proc.kill()
+
+
+def test_a_full_server_refuses_with_429_before_reading_the_body_and_keeps_the_connection():
+    """Past capacity a generation request gets its 429 without being parsed (a malformed body gets
+    429, not 400), so a retry storm costs the event loop almost nothing; the unread body does not
+    break the kept-alive connection, and once a slot frees up requests are served again."""
+    import http.client
+
+    base, proc = serve("--max-num-seqs", "1", "--max-waiting", "0")
+    try:
+        threads, results = streams_started(base, 1)
+        conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+        for body in (b"{not json" + b" " * 20000, json.dumps({"prompt": "late", "max_tokens": 2}).encode()):
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            error = json.loads(r.read())["error"]
+            assert r.status == 429 and r.getheader("Retry-After") == "1", (r.status, error)
+            assert error["type"] == "overloaded_error" and "max_num_seqs=1" in error["message"]
+        conn.request("GET", "/health")  # the same connection, after two unread bodies
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["healthy"] is True
+        for t in threads:
+            t.join(60)
+        assert results[0][-1] == b"[DONE]"
+        status, _, body = post(base, {"prompt": "now", "max_tokens": 2})
+        assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.kill()
