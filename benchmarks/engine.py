@@ -7,7 +7,8 @@ shared machine cancel out.
 
 Two ideal speedups bound what the work actually done allows:
   - FLOPs: per-token MACs at full depth over MACs at the measured mean depth (runtime/flops.py:
-    layers, LM head, exit tests, propagate fills). Hardware whose cost scales with rows reaches it.
+    layers, attention over the context, LM head, exit tests, propagate fills). Hardware whose cost
+    scales with rows reaches it.
   - weights: the weight bytes an iteration reads, from the batched block calls actually executed
     (a call reads its block once, whatever its rows). Small-batch decode that is bound by memory
     or by per-call overhead reaches only this one: rows leaving a call save little until the
@@ -35,8 +36,10 @@ def measure(engine: LLMEngine, prompts: list[list[int]], budget: float, max_toke
     return run_engine(engine, prompts, max_tokens, ComputeParams(compute_budget=budget))
 
 
-def summarize(cfg, batch: int, budget: float, rounds: list[dict[float, EngineRun]], base_budget: float) -> dict:
-    """One table row: a budget's runs against the base budget's runs of the same rounds."""
+def summarize(cfg, batch: int, budget: float, rounds: list[dict[float, EngineRun]], base_budget: float,
+              context: float = 0.0) -> dict:
+    """One table row: a budget's runs against the base budget's runs of the same rounds. context: the
+    mean number of keys a decode token attends over, for the attention term of the FLOPs ideal."""
     runs, base_runs = [r[budget] for r in rounds], [r[base_budget] for r in rounds]
     depth = statistics.fmean(d for r in runs for d in r.depths)
     base_depth = statistics.fmean(d for r in base_runs for d in r.depths)
@@ -50,8 +53,8 @@ def summarize(cfg, batch: int, budget: float, rounds: list[dict[float, EngineRun
     def weights_read(rs: list[EngineRun]) -> float:  # block calls read a layer; fill-only calls read its K/V projection
         return fixed + per_step(rs, "calls") * m["layer"] + per_step(rs, "fills") * m["kv_proj"]
 
-    flops_ideal = (token_macs(cfg, base_depth, exit_tests=base_budget < 1.0)
-                   / token_macs(cfg, depth, exit_tests=budget < 1.0))
+    flops_ideal = (token_macs(cfg, base_depth, exit_tests=base_budget < 1.0, context=context)
+                   / token_macs(cfg, depth, exit_tests=budget < 1.0, context=context))
     weights_ideal = weights_read(base_runs) / weights_read(runs)
     round_speedups = round_ratios(rounds, budget, base_budget, lambda r: r.decode_tokens_per_s)
     speedup = statistics.median(round_speedups)
@@ -119,7 +122,7 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
         prompts = prompts_all[:batch]
         results = run_rounds(budgets, rounds, lambda b: measure(engine, prompts, b, max_tokens), f"batch {batch}")
         for budget in budgets:
-            row = summarize(cfg, batch, budget, results, budgets[0])
+            row = summarize(cfg, batch, budget, results, budgets[0], context=prompt_len + max_tokens / 2)
             rows.append(row)
             print(f"{batch:>5} {budget:>6.2f} {row['decode_tokens_per_s']:>9.1f} {row['itl_p50_ms']:>7.1f}ms "
                   f"{row['itl_p99_ms']:>7.1f}ms {row['mean_core_depth']:>6.2f} {row['core_calls_per_step']:>6.2f} "
