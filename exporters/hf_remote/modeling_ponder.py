@@ -49,6 +49,8 @@ class PonderConfig(PretrainedConfig):
         step_embedding: bool = True,
         block_embedding: bool = True,
         exit_hidden: int = 64,
+        exit_step_bias: bool = False,  # the exit head adds a learned bias per step
+        exit_adapter_rank: int = 0,  # > 0: a low-rank translator per exit depth, before the coda
         max_seq_len: int = 512,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-5,
@@ -65,6 +67,7 @@ class PonderConfig(PretrainedConfig):
         self.n_prelude, self.n_coda, self.n_pool, self.max_depth, self.min_depth = n_prelude, n_coda, n_pool, max_depth, min_depth
         self.schedule, self.kv_fill, self.step_embedding, self.block_embedding = schedule, kv_fill, step_embedding, block_embedding
         self.exit_hidden, self.max_seq_len, self.rope_theta, self.norm_eps = exit_hidden, max_seq_len, rope_theta, norm_eps
+        self.exit_step_bias, self.exit_adapter_rank = bool(exit_step_bias), int(exit_adapter_rank or 0)
         self.exit_price, self.compute_budget, self.calibration = exit_price, compute_budget, calibration
         # Standard names, for generate() and its cache: one cache layer per prelude layer, core slot and coda layer.
         self.hidden_size, self.num_attention_heads, self.num_key_value_heads = d_model, n_heads, n_kv_heads
@@ -160,10 +163,26 @@ class ExitHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.fc = nn.Linear(cfg.d_model, cfg.exit_hidden)
+        self.step_bias = nn.Embedding(max(cfg.max_depth, 1), cfg.exit_hidden) if cfg.exit_step_bias else None
         self.out = nn.Linear(cfg.exit_hidden, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.softplus(self.out(F.gelu(self.fc(self.norm(x))))).squeeze(-1)
+    def forward(self, x: Tensor, s: int) -> Tensor:
+        hidden = self.fc(self.norm(x))
+        if self.step_bias is not None:
+            hidden = hidden + self.step_bias.weight[s]
+        return F.softplus(self.out(F.gelu(hidden))).squeeze(-1)
+
+
+class ExitAdapter(nn.Module):
+    """The translator of one exit depth: h + up(down(h)), so the head can decode an early state."""
+
+    def __init__(self, d_model: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, d_model)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(self.down(h))
 
 
 def price_for_budget(calibration: dict | None, budget: float) -> float:
@@ -215,6 +234,8 @@ class PonderForCausalLM(PonderPreTrainedModel, GenerationMixin):
         self.router = nn.Linear(cfg.d_model, cfg.n_pool) if routed else None
         self.router_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if routed else None
         self.exit_head = ExitHead(cfg)
+        self.exit_adapters = (nn.ModuleList(ExitAdapter(cfg.d_model, cfg.exit_adapter_rank) for _ in range(cfg.max_depth))
+                              if cfg.exit_adapter_rank else None)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -277,7 +298,7 @@ class PonderForCausalLM(PonderPreTrainedModel, GenerationMixin):
             k, v = cached(i, *block.kv(h, cos, sin))
             h = block.forward_with_kv(h, k, v, cos, sin, mask)
         h, depth = self._core(h, cos, sin, mask, price, lo, hi, cached)
-        # (A per-depth exit adapter would apply to the exit state h here, before the coda.)
+        h = self._adapt(h, depth)
         for i, block in enumerate(self.coda):
             layer = cfg.num_hidden_layers - cfg.n_coda + i
             k, v = cached(layer, *block.kv(h, cos, sin))
@@ -298,7 +319,7 @@ class PonderForCausalLM(PonderPreTrainedModel, GenerationMixin):
             if s >= hi:
                 active = torch.zeros_like(active)
             elif price is not None and s >= lo:
-                active = active & ~(self.exit_head(h_step) < price)
+                active = active & ~(self.exit_head(h_step, s) < price)
             if self.router is not None:
                 choice = self.router(self.router_norm(h_step)).argmax(-1)
             else:
@@ -327,6 +348,17 @@ class PonderForCausalLM(PonderPreTrainedModel, GenerationMixin):
             h = torch.where(active[..., None], pick(outs, False), h)
             depth = depth + active.long()
         return h, depth
+
+    def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
+        """Each exit state through its depth's adapter; full-depth states pass as they are."""
+        if self.exit_adapters is None:
+            return h
+        out = h.clone()
+        for d in torch.unique(depth).tolist():
+            if d < self.config.max_depth:
+                rows = depth == d
+                out[rows] = self.exit_adapters[d](h[rows])
+        return out
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0

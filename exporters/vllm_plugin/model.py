@@ -5,15 +5,18 @@ and owns the paged KV cache of each `Attention` layer. Layers: one per prelude l
 core slot (max_depth, or one with kv_fill='shared'), one per coda layer. At core step s every
 token writes its slot-s entry (an active token from its own block; an exited token by the
 checkpoint's kv_fill), then the active tokens attend and run their block; the rest keep their
-state. The weights, the exit head, the router and the block pieces are Ponder's own modules
-(runtime.model.PonderModel); only attention runs in vLLM.
+state. The exit head, the router and the step pieces are Ponder's own (runtime.model.PonderModel);
+the blocks, embedding and head are on vLLM's tensor-parallel layers (parallel.py), so
+`--tensor-parallel-size N` shards them N ways, and attention runs in vLLM.
 
 Each request may set its own `compute_budget`, `exit_price`, `min_depth` and `max_depth` in the
 OpenAI body's `vllm_xargs`: the logits processor in request_params.py publishes them per batch row
 before each forward, and `_token_params` expands them to tokens. Requests without them get the
 server's defaults from the Hugging Face config: `exit_price`, or `compute_budget` through the
 calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`); none means full depth.
-Linear layers are replicated, not sharded: tensor and pipeline parallelism are not implemented.
+Exited decode tokens write their KV entries but skip attention (compaction.py); the override
+`{"compact_attention": false}` makes every token attend at every step instead.
+Pipeline parallelism is not implemented (no SupportsPP).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from torch import Tensor, nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
-from exporters.vllm_plugin import request_params
+from exporters.vllm_plugin import compaction, request_params
+from exporters.vllm_plugin.parallel import ParallelBlock, agree, load_into, materialize, parallel_pieces, tp_size
 from runtime.config import ModelConfig
-from runtime.layers import Block, apply_rope, rope_tables
+from runtime.layers import rope_tables
 from runtime.model import PonderModel
-
 
 
 def ponder_config(hf_config) -> ModelConfig:
@@ -46,12 +50,18 @@ class PonderForCausalLM(nn.Module):
         hf = vllm_config.model_config.hf_config
         self.cfg = cfg = ponder_config(hf)
         self.price = request_params.server_price(hf)
-        self.ponder = PonderModel(cfg)
-        self.ponder.head.weight = nn.Parameter(self.ponder.head.weight.detach().clone())  # the export writes it untied
-        cache = vllm_config.cache_config
+        self.compact_attention = bool(getattr(hf, "compact_attention", True))  # compaction.py; off: every row attends
+        with torch.device("meta"):  # the replicated pieces; the sharded ones replace the rest before any memory
+            self.ponder = PonderModel(cfg)
+        for name, module in parallel_pieces(cfg, f"{prefix}ponder").items():
+            setattr(self.ponder, name, module)
+        materialize(self.ponder)
+        self.logits_processor = LogitsProcessor(cfg.vocab_size)
+        self.tp = tp_size()
+        cache, local = vllm_config.cache_config, self.ponder.pool[0]  # this rank's heads
 
         def attention(i: int) -> Attention:
-            return Attention(cfg.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=cfg.n_kv_heads,
+            return Attention(local.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=local.n_kv_heads,
                              cache_config=cache, prefix=f"{prefix}slots.{i}.attn")
 
         self.slots = nn.ModuleList(attention(i) for i in range(cfg.n_prelude + cfg.n_core_slots + cfg.n_coda))
@@ -59,23 +69,9 @@ class PonderForCausalLM(nn.Module):
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.ponder.embed(input_ids)
 
-    # ----- one layer over rows, attention in vLLM -----
-
-    def _qkv(self, block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Rows x (n, d) -> q (n, H*D), k, v (n, Hkv*D), rotated."""
-        n, cfg = len(x), self.cfg
-        xn = block.attn_norm(x)
-        q = apply_rope(block.attn.wq(xn).view(n, cfg.n_heads, cfg.head_dim).transpose(0, 1), cos, sin)
-        k, v = block.kv(x[None], cos, sin)  # (1, Hkv, n, D)
-        return (q.transpose(0, 1).reshape(n, -1), k[0].transpose(0, 1).reshape(n, -1),
-                v[0].transpose(0, 1).reshape(n, -1))
-
-    def _finish(self, block: Block, x: Tensor, attn_out: Tensor) -> Tensor:
-        return block.feedforward(x + block.attn.wo(attn_out))
-
-    def _layer(self, slot: int, block: Block, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        q, k, v = self._qkv(block, h, cos, sin)
-        return self._finish(block, h, self.slots[slot](q, k, v))
+    def _layer(self, slot: int, block: ParallelBlock, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q, k, v = block.qkv_rows(h, cos, sin)
+        return block.finish(h, self.slots[slot](q, k, v))
 
     # ----- the forward -----
 
@@ -86,8 +82,8 @@ class PonderForCausalLM(nn.Module):
         h = inputs_embeds if inputs_embeds is not None else m.embed(input_ids)
         for i, block in enumerate(m.prelude):
             h = self._layer(i, block, h, cos, sin)
-        h = self._core(h, cos, sin)
-        # (A per-depth exit adapter would apply to the exit state h here, before the coda.)
+        h, depth = self._core(h, cos, sin)
+        h = m.adapt_exit(h, depth)  # identity for models without exit adapters
         for i, block in enumerate(m.coda):
             h = self._layer(cfg.n_prelude + cfg.n_core_slots + i, block, h, cos, sin)
         return h
@@ -113,10 +109,12 @@ class PonderForCausalLM(nn.Module):
         hi[:n] = torch.repeat_interleave(rows.max_depth.to(device), counts).clamp_max(cfg.max_depth)
         return price, lo, hi
 
-    def _core(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _core(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Every token's exit state and its depth (core steps run)."""
         cfg, m = self.cfg, self.ponder
         N = len(h)
         active = torch.ones(N, dtype=torch.bool, device=h.device)
+        depth = torch.zeros(N, dtype=torch.long, device=h.device)
         price, lo, hi = self._token_params(N, h.device)
         first_priced = int(lo.min()) if bool(torch.isfinite(price).any()) else cfg.max_depth  # one sync, not one per step
         latest_k = latest_v = shared_kv = None
@@ -125,20 +123,25 @@ class PonderForCausalLM(nn.Module):
             stop = s >= hi
             if s >= first_priced:
                 stop |= (s >= lo) & (m.exit_score(h_step, s).float() < price)
-            active &= ~stop
             if m.router is not None:
                 choice = m.route_logits(h_step).argmax(-1)
             else:
                 choice = torch.full((N,), m.scheduled_block(s), dtype=torch.long, device=h.device)
-            q = h.new_zeros(N, cfg.n_heads * cfg.head_dim)  # exited rows' queries are never used
-            k = h.new_zeros(N, cfg.n_kv_heads * cfg.head_dim)
+            if self.tp > 1:  # every rank takes rank 0's decisions
+                stop, choice = agree(stop, choice)
+                stop = stop.bool()
+            active &= ~stop
+            depth += active
+            local = m.pool[0]
+            q = h.new_zeros(N, local.n_heads * cfg.head_dim)  # exited rows' queries are never used
+            k = h.new_zeros(N, local.n_kv_heads * cfg.head_dim)
             v = torch.zeros_like(k)
             inputs = {}
             for b in sorted(set(choice.tolist())):
                 rows = (choice == b).nonzero().squeeze(1)
                 x = m.block_input(h_step[rows], b)
                 inputs[b] = (rows, x)
-                q[rows], k[rows], v[rows] = self._qkv(m.pool[b], x, cos[rows], sin[rows])
+                q[rows], k[rows], v[rows] = m.pool[b].qkv_rows(x, cos[rows], sin[rows])
             if cfg.kv_fill.reads_slot0:  # every slot reads slot 0: rewrite its entries, attend with new queries
                 if shared_kv is None:
                     shared_kv = (k, v)
@@ -147,27 +150,23 @@ class PonderForCausalLM(nn.Module):
                 if latest_k is not None:
                     k, v = torch.where(active[:, None], k, latest_k), torch.where(active[:, None], v, latest_v)
                 latest_k, latest_v = k, v
-            out = self.slots[cfg.n_prelude + cfg.kv_fill.slot(s)](q, k, v)
+            slot = self.slots[cfg.n_prelude + cfg.kv_fill.slot(s)]
+            out = compaction.attend(slot, q, k, v, active) if self.compact_attention else slot(q, k, v)
             h_new = h.clone()
             for b, (rows, x) in inputs.items():
                 keep = active[rows]
                 if keep.any():
-                    h_new[rows[keep]] = self._finish(m.pool[b], x[keep], out[rows[keep]])
+                    h_new[rows[keep]] = m.pool[b].finish(x[keep], out[rows[keep]])
             h = torch.where(active[:, None], h_new, h)
-        return h
+        return h, depth
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
-        return self.ponder.head(self.ponder.norm(hidden_states))
+        return self.logits_processor(self.ponder.head, self.ponder.norm(hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        """Ponder-named tensors (a `ponder export --format hf` directory) into this rank's shards."""
         params = dict(self.ponder.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r}: is this a `ponder export --format hf` directory?")
-            with torch.no_grad():
-                params[name].copy_(tensor.to(params[name].dtype))
-            loaded.add(f"ponder.{name}")
+        loaded = {f"ponder.{load_into(params, name, tensor)}" for name, tensor in weights}
         missing = {f"ponder.{n}" for n in params} - loaded
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")

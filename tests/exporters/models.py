@@ -27,3 +27,13 @@ def tiny_checkpoint(schedule: str, kv_fill: str, seed: int = 0, **overrides) -> 
     price = float(scores.quantile(0.5))
     calibration = Calibration(prices=[price / 2, price, price * 2], depth_fractions=[0.9, 0.5, 0.1], measured_on="random")
     return Checkpoint(model=model, tokenizer=symbol_tokenizer(SYMBOLS), calibration=calibration), price
+
+
+def adapted_checkpoint(**overrides) -> tuple[Checkpoint, float]:
+    """A tiny model shaped like an imported one: a per-step exit bias, and exit adapters that are not
+    the identity."""
+    ckpt, price = tiny_checkpoint("fixed", "propagate", exit_step_bias=True, exit_adapter_rank=4, **overrides)
+    with torch.no_grad():
+        for adapter in ckpt.model.exit_adapters:
+            adapter.up.weight.normal_(std=0.2)
+    return ckpt, price

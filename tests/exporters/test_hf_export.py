@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from exporters.hf import export_hf
 from runtime.generate import generate
 from runtime.model import ExitSpec
-from tests.exporters.models import KV_FILLS, SCHEDULES, tiny_checkpoint
+from tests.exporters.models import KV_FILLS, SCHEDULES, adapted_checkpoint, tiny_checkpoint
 
 
 def load(path):
@@ -40,6 +40,18 @@ def test_logits_and_greedy_generation_match_ponder(tmp_path, schedule, kv_fill):
         for kwargs, exit in (({}, ExitSpec()), ({"exit_price": price}, ExitSpec(price=price))):
             tokens = hf.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt), **kwargs)
             assert tokens[0, 5:].tolist() == generate(ckpt.model, prompt[0].tolist(), 10, exit).token_ids
+
+
+def test_exit_step_bias_and_exit_adapters_match_ponder(tmp_path):
+    ckpt, price = adapted_checkpoint()
+    hf = load(export_hf(ckpt, tmp_path / "hf"))
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ckpt.model(ids, ExitSpec(price=price))
+        out = hf(ids, use_cache=False, exit_price=price)
+    assert len(ref.depth.unique()) > 1
+    assert torch.equal(out.exit_depths, ref.depth)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
 def test_export_directory_is_self_contained(tmp_path):

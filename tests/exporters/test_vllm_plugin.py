@@ -124,8 +124,10 @@ if __name__ == "__main__":
     cases = json.loads(open(sys.argv[1]).read())
     results = {}
     for name, case in cases.items():
+        tp = case.get("tensor_parallel_size", 1)
         llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=64,
-                  max_num_seqs=4, gpu_memory_utilization=0.05)
+                  max_num_seqs=4, gpu_memory_utilization=0.05, tensor_parallel_size=tp,
+                  distributed_executor_backend="mp" if tp > 1 else None)
         params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)
         results[name] = [list(o.outputs[0].token_ids) for o in outs]
@@ -134,13 +136,25 @@ if __name__ == "__main__":
 """
 
 
+def run_vllm_greedy(tmp_path: Path, cases: dict, threads_bind: str = "0-1") -> dict:
+    """Greedy token ids per case from vLLM's offline LLM, in the vLLM environment."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "greedy.py").write_text(VLLM_GREEDY)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": threads_bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    run = subprocess.run([VLLM_PYTHON, str(tmp_path / "greedy.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+                         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
-    """Tiny random models (fixed, recurrent, routed; each kv_fill) with per-token exits, batched in vLLM."""
+    """Tiny random models (fixed, recurrent, routed; each kv_fill; and one with an exit bias per step and
+    exit adapters, as an imported model has) with per-token exits, batched in vLLM."""
     import torch
 
     from runtime.generate import generate
     from runtime.model import ExitSpec
-    from tests.exporters.models import KV_FILLS, SCHEDULES, tiny_checkpoint
+    from tests.exporters.models import KV_FILLS, SCHEDULES, adapted_checkpoint, tiny_checkpoint
 
     if not Path(VLLM_PYTHON).exists():
         pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see CONTRIBUTING.md)")
@@ -153,10 +167,30 @@ def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
             cases[name] = {"dir": str(export_hf(ckpt, tmp_path / name, exit_price=price)), "prompts": prompts,
                            "max_tokens": 8}
             want[name] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "greedy.py").write_text(VLLM_GREEDY)
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    run = subprocess.run([VLLM_PYTHON, str(tmp_path / "greedy.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
-                         env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert json.loads((tmp_path / "out.json").read_text()) == want
+    ckpt, price = adapted_checkpoint(n_heads=2, n_kv_heads=1)  # an exit bias per step and exit adapters
+    cases["adapted"] = {"dir": str(export_hf(ckpt, tmp_path / "adapted", exit_price=price)), "prompts": prompts,
+                        "max_tokens": 8}
+    want["adapted"] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
+    assert run_vllm_greedy(tmp_path, cases) == want
+
+
+def test_tensor_parallel_2_matches_tp_1_and_the_reference(tmp_path):
+    """TP=2 (two worker processes, one core each) on a routed model with per-token exits: sharded
+    q/k/v, gate/up, output, down, embedding and head; the router's and exit head's decisions taken
+    from rank 0. Its greedy tokens equal TP=1's and Ponder's reference forward."""
+    import torch
+
+    from runtime.generate import generate
+    from runtime.model import ExitSpec
+    from tests.exporters.models import tiny_checkpoint
+
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}; set PONDER_VLLM_PYTHON (see CONTRIBUTING.md)")
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
+    ckpt, price = tiny_checkpoint("routed", "propagate", n_heads=4, n_kv_heads=2, d_model=128)
+    model_dir = str(export_hf(ckpt, tmp_path / "hf", exit_price=price))
+    cases = {f"tp{tp}": {"dir": model_dir, "prompts": prompts, "max_tokens": 8, "tensor_parallel_size": tp}
+             for tp in (1, 2)}
+    want = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
+    got = run_vllm_greedy(tmp_path, cases, threads_bind="0|1")
+    assert got["tp2"] == got["tp1"] == want
