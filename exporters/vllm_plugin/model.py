@@ -16,7 +16,9 @@ server's defaults from the Hugging Face config: `exit_price`, or `compute_budget
 calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`); none means full depth.
 Exited decode tokens write their KV entries but skip attention (compaction.py); the override
 `{"compact_attention": false}` makes every token attend at every step instead.
-Pipeline parallelism is not implemented (no SupportsPP).
+With `--pipeline-parallel-size N` the prelude layers, core steps and coda layers are split into N
+contiguous stages (pipeline.py); the residual stream, the still-active mask and the depths so far
+pass between them.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import PPMissingLayer
+from vllm.sequence import IntermediateTensors
 
 from exporters.vllm_plugin import compaction, request_params
 from exporters.vllm_plugin.parallel import ParallelBlock, agree, load_into, materialize, parallel_pieces, tp_size
+from exporters.vllm_plugin.pipeline import Stage
 from runtime.config import ModelConfig
 from runtime.layers import rope_tables
 from runtime.model import PonderModel
@@ -44,27 +51,42 @@ def ponder_config(hf_config) -> ModelConfig:
     return ModelConfig(**{name: getattr(hf_config, name) for name in SUPPORTED_FIELDS})
 
 
-class PonderForCausalLM(nn.Module):
+class PonderForCausalLM(nn.Module, SupportsPP):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         hf = vllm_config.model_config.hf_config
         self.cfg = cfg = ponder_config(hf)
         self.price = request_params.server_price(hf)
         self.compact_attention = bool(getattr(hf, "compact_attention", True))  # compaction.py; off: every row attends
+        pp = get_pp_group()
+        self.stage = stage = Stage.of(cfg, pp.rank_in_group, pp.world_size)
         with torch.device("meta"):  # the replicated pieces; the sharded ones replace the rest before any memory
             self.ponder = PonderModel(cfg)
-        for name, module in parallel_pieces(cfg, f"{prefix}ponder").items():
+        for name, module in parallel_pieces(cfg, f"{prefix}ponder", stage).items():
             setattr(self.ponder, name, module)
         materialize(self.ponder)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
         self.tp = tp_size()
-        cache, local = vllm_config.cache_config, self.ponder.pool[0]  # this rank's heads
+        cache = vllm_config.cache_config
+        # This rank's heads (the same for every block; vLLM's own arithmetic, as in QKVParallelLinear).
+        self.n_heads, self.n_kv_heads = cfg.n_heads // self.tp, max(cfg.n_kv_heads // self.tp, 1)
 
-        def attention(i: int) -> Attention:
-            return Attention(local.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=local.n_kv_heads,
+        def attention(i: int) -> nn.Module:
+            if not stage.holds_slot(i):
+                return PPMissingLayer()
+            return Attention(self.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=self.n_kv_heads,
                              cache_config=cache, prefix=f"{prefix}slots.{i}.attn")
 
         self.slots = nn.ModuleList(attention(i) for i in range(cfg.n_prelude + cfg.n_core_slots + cfg.n_coda))
+        self.first_slot = next(s for s in self.slots if isinstance(s, Attention))  # its metadata is the batch's
+        self.held_elsewhere = tuple(f"{name}." for name, module in self.ponder.named_modules()
+                                    if isinstance(module, PPMissingLayer))
+
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        return IntermediateTensors({"hidden_states": torch.zeros(batch_size, self.cfg.d_model, dtype=dtype, device=device),
+                                    "active": torch.zeros(batch_size, dtype=dtype, device=device),
+                                    "depth": torch.zeros(batch_size, dtype=dtype, device=device)})
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.ponder.embed(input_ids)
@@ -75,17 +97,27 @@ class PonderForCausalLM(nn.Module):
 
     # ----- the forward -----
 
-    def forward(self, input_ids: Tensor, positions: Tensor, intermediate_tensors=None,
-                inputs_embeds: Tensor | None = None, **kwargs) -> Tensor:
-        cfg, m = self.cfg, self.ponder
+    def forward(self, input_ids: Tensor, positions: Tensor, intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: Tensor | None = None, **kwargs) -> Tensor | IntermediateTensors:
+        cfg, m, stage = self.cfg, self.ponder, self.stage
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # (N, D)
-        h = inputs_embeds if inputs_embeds is not None else m.embed(input_ids)
-        for i, block in enumerate(m.prelude):
-            h = self._layer(i, block, h, cos, sin)
-        h, depth = self._core(h, cos, sin)
-        h = m.adapt_exit(h, depth)  # identity for models without exit adapters
-        for i, block in enumerate(m.coda):
-            h = self._layer(cfg.n_prelude + cfg.n_core_slots + i, block, h, cos, sin)
+        if stage.first:
+            h = inputs_embeds if inputs_embeds is not None else m.embed(input_ids)
+            active = torch.ones(len(h), dtype=torch.bool, device=h.device)
+            depth = torch.zeros(len(h), dtype=torch.long, device=h.device)
+        else:
+            h = intermediate_tensors["hidden_states"]
+            active, depth = intermediate_tensors["active"] > 0, intermediate_tensors["depth"].long()
+        for i in stage.prelude:
+            h = self._layer(i, m.prelude[i], h, cos, sin)
+        if stage.steps:
+            h, active, depth = self._core(h, cos, sin, stage.steps, active, depth)
+        if stage.ends_core:
+            h = m.adapt_exit(h, depth)  # identity for models without exit adapters
+        for i in stage.coda:
+            h = self._layer(cfg.n_prelude + cfg.n_core_slots + i, m.coda[i], h, cos, sin)
+        if not stage.last:
+            return IntermediateTensors({"hidden_states": h, "active": active.to(h.dtype), "depth": depth.to(h.dtype)})
         return h
 
     def _token_params(self, N: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,7 +131,7 @@ class PonderForCausalLM(nn.Module):
         rows, metadata = request_params.current(), get_forward_context().attn_metadata
         if rows is None or metadata is None:
             return price, lo, hi
-        meta = metadata[self.slots[0].layer_name] if isinstance(metadata, dict) else metadata
+        meta = metadata[self.first_slot.layer_name] if isinstance(metadata, dict) else metadata
         counts = meta.query_start_loc.diff()
         if len(counts) != len(rows.price) or int(counts.sum()) > N:
             return price, lo, hi  # not this step's rows: defaults rather than another request's
@@ -109,16 +141,16 @@ class PonderForCausalLM(nn.Module):
         hi[:n] = torch.repeat_interleave(rows.max_depth.to(device), counts).clamp_max(cfg.max_depth)
         return price, lo, hi
 
-    def _core(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Every token's exit state and its depth (core steps run)."""
+    def _core(self, h: Tensor, cos: Tensor, sin: Tensor, steps: range, active: Tensor,
+              depth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Core steps `steps` on states h: the states after them, which tokens are still in the core,
+        and each token's depth (core steps run)."""
         cfg, m = self.cfg, self.ponder
         N = len(h)
-        active = torch.ones(N, dtype=torch.bool, device=h.device)
-        depth = torch.zeros(N, dtype=torch.long, device=h.device)
         price, lo, hi = self._token_params(N, h.device)
         first_priced = int(lo.min()) if bool(torch.isfinite(price).any()) else cfg.max_depth  # one sync, not one per step
         latest_k = latest_v = shared_kv = None
-        for s in range(cfg.max_depth):
+        for s in steps:
             h_step = m.step_input(h, s)
             stop = s >= hi
             if s >= first_priced:
@@ -132,9 +164,8 @@ class PonderForCausalLM(nn.Module):
                 stop = stop.bool()
             active &= ~stop
             depth += active
-            local = m.pool[0]
-            q = h.new_zeros(N, local.n_heads * cfg.head_dim)  # exited rows' queries are never used
-            k = h.new_zeros(N, local.n_kv_heads * cfg.head_dim)
+            q = h.new_zeros(N, self.n_heads * cfg.head_dim)  # exited rows' queries are never used
+            k = h.new_zeros(N, self.n_kv_heads * cfg.head_dim)
             v = torch.zeros_like(k)
             inputs = {}
             for b in sorted(set(choice.tolist())):
@@ -158,7 +189,7 @@ class PonderForCausalLM(nn.Module):
                 if keep.any():
                     h_new[rows[keep]] = m.pool[b].finish(x[keep], out[rows[keep]])
             h = torch.where(active[:, None], h_new, h)
-        return h, depth
+        return h, active, depth
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         return self.logits_processor(self.ponder.head, self.ponder.norm(hidden_states))
@@ -166,7 +197,8 @@ class PonderForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """Ponder-named tensors (a `ponder export --format hf` directory) into this rank's shards."""
         params = dict(self.ponder.named_parameters())
-        loaded = {f"ponder.{load_into(params, name, tensor)}" for name, tensor in weights}
+        loaded = {f"ponder.{held}" for name, tensor in weights
+                  if (held := load_into(params, name, tensor, self.held_elsewhere)) is not None}
         missing = {f"ponder.{n}" for n in params} - loaded
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")

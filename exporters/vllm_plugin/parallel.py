@@ -17,7 +17,9 @@ from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import PPMissingLayer
 
+from exporters.vllm_plugin.pipeline import Stage
 from runtime.config import ModelConfig
 from runtime.layers import RMSNorm, apply_rope
 
@@ -56,17 +58,23 @@ class ParallelBlock(nn.Module):
         return h + self.down(F.silu(gate) * up)[0]
 
 
-def parallel_pieces(cfg: ModelConfig, prefix: str) -> dict[str, nn.Module]:
-    """The modules of a PonderModel that are sharded: embed, head and every block list."""
-    blocks = {kind: nn.ModuleList(ParallelBlock(cfg, f"{prefix}.{kind}.{i}") for i in range(n))
+def parallel_pieces(cfg: ModelConfig, prefix: str, stage: Stage) -> dict[str, nn.Module]:
+    """The modules of a PonderModel that are sharded: embed, head and every block list; the ones this
+    pipeline stage does not run are placeholders (PPMissingLayer) that hold no weights."""
+    def block(kind: str, i: int) -> nn.Module:
+        return ParallelBlock(cfg, f"{prefix}.{kind}.{i}") if stage.holds_block(kind, i) else PPMissingLayer()
+
+    blocks = {kind: nn.ModuleList(block(kind, i) for i in range(n))
               for kind, n in (("prelude", cfg.n_prelude), ("pool", cfg.n_pool), ("coda", cfg.n_coda))}
-    return {"embed": VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, prefix=f"{prefix}.embed"),
-            "head": ParallelLMHead(cfg.vocab_size, cfg.d_model, bias=False, prefix=f"{prefix}.head"), **blocks}
+    embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, prefix=f"{prefix}.embed") if stage.first else PPMissingLayer()
+    head = ParallelLMHead(cfg.vocab_size, cfg.d_model, bias=False, prefix=f"{prefix}.head") if stage.last else PPMissingLayer()
+    return {"embed": embed, "head": head, **blocks}
 
 
-def load_into(params: dict[str, nn.Parameter], name: str, tensor: Tensor) -> str:
+def load_into(params: dict[str, nn.Parameter], name: str, tensor: Tensor, elsewhere: tuple[str, ...] = ()) -> str | None:
     """Load one checkpoint tensor by its Ponder name into the parameter that holds it (or this rank's
-    shard of it); returns that parameter's name."""
+    shard of it); returns that parameter's name, or None for a module another pipeline stage holds
+    (`elsewhere`: their name prefixes, each ending in a dot)."""
     shard = None
     for src, (dst, shard_id) in STACKED.items():
         if f".{src}." in name:
@@ -76,6 +84,8 @@ def load_into(params: dict[str, nn.Parameter], name: str, tensor: Tensor) -> str
         for src, dst in RENAMED.items():
             name = name.replace(f".{src}.", f".{dst}.")
     if name not in params:
+        if any(name.startswith(m) for m in elsewhere):
+            return None
         raise ValueError(f"unexpected weight {name!r}: is this a `ponder export --format hf` directory?")
     param = params[name]
     loader = getattr(param, "weight_loader", default_weight_loader)

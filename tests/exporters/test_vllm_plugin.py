@@ -124,10 +124,10 @@ if __name__ == "__main__":
     cases = json.loads(open(sys.argv[1]).read())
     results = {}
     for name, case in cases.items():
-        tp = case.get("tensor_parallel_size", 1)
-        llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=64,
-                  max_num_seqs=4, gpu_memory_utilization=0.05, tensor_parallel_size=tp,
-                  distributed_executor_backend="mp" if tp > 1 else None)
+        tp, pp = case.get("tensor_parallel_size", 1), case.get("pipeline_parallel_size", 1)
+        llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=pp == 1, max_model_len=64,
+                  max_num_seqs=4, gpu_memory_utilization=0.05, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  distributed_executor_backend="mp" if tp * pp > 1 else None)
         params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)
         results[name] = [list(o.outputs[0].token_ids) for o in outs]
@@ -174,10 +174,11 @@ def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
     assert run_vllm_greedy(tmp_path, cases) == want
 
 
-def test_tensor_parallel_2_matches_tp_1_and_the_reference(tmp_path):
+def test_tensor_and_pipeline_parallel_2_match_one_worker_and_the_reference(tmp_path):
     """TP=2 (two worker processes, one core each) on a routed model with per-token exits: sharded
     q/k/v, gate/up, output, down, embedding and head; the router's and exit head's decisions taken
-    from rank 0. Its greedy tokens equal TP=1's and Ponder's reference forward."""
+    from rank 0. PP=2: the core steps split across two stages, the active mask and depths passed
+    between them. The greedy tokens of both equal one worker's and Ponder's reference forward."""
     import torch
 
     from runtime.generate import generate
@@ -189,8 +190,9 @@ def test_tensor_parallel_2_matches_tp_1_and_the_reference(tmp_path):
     prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
     ckpt, price = tiny_checkpoint("routed", "propagate", n_heads=4, n_kv_heads=2, d_model=128)
     model_dir = str(export_hf(ckpt, tmp_path / "hf", exit_price=price))
-    cases = {f"tp{tp}": {"dir": model_dir, "prompts": prompts, "max_tokens": 8, "tensor_parallel_size": tp}
-             for tp in (1, 2)}
+    layouts = {"one": {}, "tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}
+    cases = {name: {"dir": model_dir, "prompts": prompts, "max_tokens": 8, **layout} for name, layout in layouts.items()}
     want = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
     got = run_vllm_greedy(tmp_path, cases, threads_bind="0|1")
-    assert got["tp2"] == got["tp1"] == want
+    assert got["tp2"] == got["one"] == want
+    assert got["pp2"] == want
