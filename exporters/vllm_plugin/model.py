@@ -155,24 +155,14 @@ class PonderForCausalLM(nn.Module, SupportsPP):
             stop = s >= hi
             if s >= first_priced:
                 stop |= (s >= lo) & (m.exit_score(h_step, s).float() < price)
-            if m.router is not None:
-                choice = m.route_logits(h_step).argmax(-1)
-            else:
-                choice = torch.full((N,), m.scheduled_block(s), dtype=torch.long, device=h.device)
+            choice = m.route_logits(h_step).argmax(-1) if m.router is not None else None
             if self.tp > 1:  # every rank takes rank 0's decisions
-                stop, choice = agree(stop, choice)
-                stop = stop.bool()
+                stop, *routed = agree(stop, *([] if choice is None else [choice]))
+                stop, choice = stop.bool(), routed[0] if routed else None
             active &= ~stop
             depth += active
-            q = h.new_zeros(N, self.n_heads * cfg.head_dim)  # exited rows' queries are never used
-            k = h.new_zeros(N, self.n_kv_heads * cfg.head_dim)
-            v = torch.zeros_like(k)
-            inputs = {}
-            for b in sorted(set(choice.tolist())):
-                rows = (choice == b).nonzero().squeeze(1)
-                x = m.block_input(h_step[rows], b)
-                inputs[b] = (rows, x)
-                q[rows], k[rows], v[rows] = m.pool[b].qkv_rows(x, cos[rows], sin[rows])
+            groups = self._groups(h_step, choice, s)
+            q, k, v = self._project(groups, cos, sin, N)
             if cfg.kv_fill.reads_slot0:  # every slot reads slot 0: rewrite its entries, attend with new queries
                 if shared_kv is None:
                     shared_kv = (k, v)
@@ -183,13 +173,49 @@ class PonderForCausalLM(nn.Module, SupportsPP):
                 latest_k, latest_v = k, v
             slot = self.slots[cfg.n_prelude + cfg.kv_fill.slot(s)]
             out = compaction.attend(slot, q, k, v, active) if self.compact_attention else slot(q, k, v)
-            h_new = h.clone()
-            for b, (rows, x) in inputs.items():
-                keep = active[rows]
-                if keep.any():
-                    h_new[rows[keep]] = m.pool[b].finish(x[keep], out[rows[keep]])
-            h = torch.where(active[:, None], h_new, h)
+            h = self._finish(h, groups, out, active)
         return h, active, depth
+
+    def _groups(self, h_step: Tensor, choice: Tensor | None, s: int) -> list[tuple[int, Tensor | None, Tensor]]:
+        """(block, its rows, their block inputs) per block taken at step s; rows None means every row
+        (the fixed and recurrent schedules), so no gather or scatter is needed."""
+        m = self.ponder
+        if choice is None:
+            b = m.scheduled_block(s)
+            return [(b, None, m.block_input(h_step, b))]
+        groups = []
+        for b in sorted(set(choice.tolist())):
+            rows = (choice == b).nonzero().squeeze(1)
+            groups.append((b, rows, m.block_input(h_step[rows], b)))
+        return groups
+
+    def _project(self, groups: list, cos: Tensor, sin: Tensor, N: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Every row's q, k, v from the block it takes (this rank's heads)."""
+        m = self.ponder
+        if len(groups) == 1 and groups[0][1] is None:
+            b, _, x = groups[0]
+            return m.pool[b].qkv_rows(x, cos, sin)
+        D = self.cfg.head_dim
+        q, k = groups[0][2].new_zeros(N, self.n_heads * D), groups[0][2].new_zeros(N, self.n_kv_heads * D)
+        v = torch.zeros_like(k)
+        for b, rows, x in groups:
+            q[rows], k[rows], v[rows] = m.pool[b].qkv_rows(x, cos[rows], sin[rows])
+        return q, k, v
+
+    def _finish(self, h: Tensor, groups: list, out: Tensor, active: Tensor) -> Tensor:
+        """The states after the step: active rows through their block's output projection and MLP;
+        rows that left the core keep theirs."""
+        m = self.ponder
+        if len(groups) == 1 and groups[0][1] is None and bool(active.all()):
+            b, _, x = groups[0]
+            return m.pool[b].finish(x, out)
+        h = h.clone()
+        for b, rows, x in groups:
+            rows = torch.arange(len(h), device=h.device) if rows is None else rows
+            keep = active[rows].nonzero().squeeze(1)
+            if len(keep):
+                h[rows[keep]] = m.pool[b].finish(x[keep], out[rows[keep]])
+        return h
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         return self.logits_processor(self.ponder.head, self.ponder.norm(hidden_states))
