@@ -4,8 +4,8 @@ batch sizes, on one engine in one process.
     python -m benchmarks.regime_map [--model checkpoints/smollm2-135m-exits-ft] [--budget 0.6]
         [--contexts 128,512,1024,2048] [--batches 1,8,16] [--max-tokens 16] [--rounds 2] [--threads 2]
 
-In each cell, `batch` requests with prompts of `context` tokens (held-out text) each decode
---max-tokens tokens. Each round runs both budgets in rotated order; the speedup is decode tokens/s
+In each cell, `batch` requests with prompts of `context` - --max-tokens tokens (held-out text)
+each decode --max-tokens tokens, so the last one attends over `context` keys. Each round runs both budgets in rotated order; the speedup is decode tokens/s
 at the budget over full depth within a round, and the table shows its median over rounds. Beside it
 stand the two ideals of `ponder bench` (benchmarks/engine.py): the FLOPs ideal, here with attention
 over the cell's context counted (an exited token attends no deeper), and the weight-read ideal
@@ -46,22 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.budget < 1:
         p.error(f"--budget must be in (0, 1), got {args.budget}")
-    if min(args.contexts) < 1 or min(args.batches) < 1 or args.max_tokens < 2 or args.rounds < 1:
-        p.error("--contexts and --batches must be >= 1, --max-tokens >= 2 (decode needs two tokens), --rounds >= 1")
+    if min(args.batches) < 1 or args.max_tokens < 2 or args.rounds < 1:
+        p.error("--batches must be >= 1, --max-tokens >= 2 (decode needs two tokens), --rounds >= 1")
+    if min(args.contexts) <= args.max_tokens:
+        p.error(f"every context must exceed --max-tokens={args.max_tokens} (it holds the prompt and the new tokens)")
     return args
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     dev = resolve_device(args.device)
     ckpt = load_checkpoint(args.model, device=dev, dtype=resolve_dtype(args.dtype, dev))
-    cfg, longest = ckpt.config, max(args.contexts) + args.max_tokens
+    cfg, longest = ckpt.config, max(args.contexts)
     if longest > cfg.max_seq_len:
-        raise SystemExit(f"context {max(args.contexts)} + {args.max_tokens} new tokens exceeds the model's "
-                         f"max_seq_len={cfg.max_seq_len}")
+        raise SystemExit(f"context {longest} exceeds the model's max_seq_len={cfg.max_seq_len}")
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
                                           max_model_len=longest))
     budgets = [1.0, args.budget]
-    prompts = make_prompts(ckpt.tokenizer, cfg.vocab_size, max(args.batches), max(args.contexts), args.prompt_file)
+    prompts = make_prompts(ckpt.tokenizer, cfg.vocab_size, max(args.batches), longest - args.max_tokens, args.prompt_file)
     measure(engine, [prompts[0][:16]], 1.0, 4)  # warm-up
     print(f"{args.model} on {dev} ({args.dtype}, {torch.get_num_threads()} threads): budget {args.budget} against 1.0, "
           f"{args.max_tokens} new tokens per request, medians of {args.rounds} rounds", flush=True)
@@ -71,11 +72,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            cell = [p[:context] for p in prompts[:batch]]
+            cell = [p[: context - args.max_tokens] for p in prompts[:batch]]
             results = run_rounds(budgets, args.rounds, lambda b: measure(engine, cell, b, args.max_tokens),
                                  f"context {context} batch {batch}")
-            full = summarize(cfg, batch, 1.0, results, 1.0, context=context + args.max_tokens / 2)
-            row = summarize(cfg, batch, args.budget, results, 1.0, context=context + args.max_tokens / 2)
+            mean_keys = context - args.max_tokens / 2  # what a decode token attends over, on average
+            full = summarize(cfg, batch, 1.0, results, 1.0, context=mean_keys)
+            row = summarize(cfg, batch, args.budget, results, 1.0, context=mean_keys)
             row |= {"context": context, "full_depth_tokens_per_s": full["decode_tokens_per_s"]}
             rows.append(row)
             print(f"{context:>7} {batch:>5} {row['mean_core_depth']:>6.2f} {full['decode_tokens_per_s']:>10.1f} "

@@ -43,12 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed(model_dir: str, tp: int, cores: list[int], prompts: list[list[int]], args) -> tuple[float, list[list[int]]]:
+def timed(model_dir: str, tp: int, cores: list[int], prompts: list[list[int]], max_model_len: int,
+          args) -> tuple[float, list[list[int]]]:
     from vllm import LLM
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[1]}" if tp == 1 else f"{cores[0]}|{cores[1]}"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    llm = LLM(model=model_dir, trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=512,
+    llm = LLM(model=model_dir, trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
               max_num_seqs=args.batch, gpu_memory_utilization=0.1, tensor_parallel_size=tp,
               distributed_executor_backend="mp" if tp > 1 else None)
     vllm_run(llm, prompts[:1], 4)  # warm-up
@@ -66,12 +67,15 @@ def timed(model_dir: str, tp: int, cores: list[int], prompts: list[list[int]], a
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     ckpt = load_checkpoint(args.model)
+    if args.prompt_len + args.max_tokens > ckpt.config.max_seq_len:
+        raise SystemExit(f"--prompt-len + --max-tokens exceeds the model's max_seq_len={ckpt.config.max_seq_len}")
     prompts = make_prompts(ckpt.tokenizer, ckpt.config.vocab_size, args.batch, args.prompt_len, HELDOUT_TEXT)
     rows = []
     for budget in args.budgets:
         price = None if budget >= 1.0 else ckpt.calibration.price_for_budget(budget)
         model_dir = str(export_hf(ckpt, tempfile.mkdtemp(prefix="ponder-hf-"), exit_price=price))
-        (tp1, tokens1), (tp2, tokens2) = (timed(model_dir, tp, args.cores, prompts, args) for tp in (1, 2))
+        (tp1, tokens1), (tp2, tokens2) = (timed(model_dir, tp, args.cores, prompts, ckpt.config.max_seq_len, args)
+                                             for tp in (1, 2))
         row = {"budget": budget, "exit_price": price, "tp1_tok_s": tp1, "tp2_tok_s": tp2, "tp2_over_tp1": tp2 / tp1,
                "same_tokens": tokens1 == tokens2}
         rows.append(row)
