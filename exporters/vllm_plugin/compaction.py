@@ -36,7 +36,8 @@ def layer_metadata(layer_name: str):
 
 def can_compact(meta) -> bool:
     cls = _cpu_metadata_class()
-    return cls is not None and isinstance(meta, cls) and not meta.use_sdpa_prefill and meta.encoder_cache is None
+    return (cls is not None and isinstance(meta, cls) and not meta.use_sdpa_prefill and meta.encoder_cache is None
+            and meta.dynamic_causal is None)
 
 
 def rows_to_attend(meta, active: Tensor) -> Tensor:
@@ -69,7 +70,7 @@ def sub_metadata(meta, layer, need: Tensor, dtype: torch.dtype):
         num_reqs=len(q_lens), num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads, head_dim=layer.head_size,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=meta.causal,
         sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-        dynamic_causal=meta.dynamic_causal, kv_cache_dtype=layer.impl.kv_cache_dtype)
+        kv_cache_dtype=layer.impl.kv_cache_dtype)
     return dataclasses.replace(
         meta, num_actual_tokens=int(q_lens.sum()), max_query_len=int(q_lens.max()), query_start_loc=query_start_loc,
         max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=meta.block_table[keep],
