@@ -14,8 +14,9 @@ OpenAI body's `vllm_xargs`: the logits processor in request_params.py publishes 
 before each forward, and `_token_params` expands them to tokens. Requests without them get the
 server's defaults from the Hugging Face config: `exit_price`, or `compute_budget` through the
 calibration table (`vllm serve DIR --hf-overrides '{"compute_budget": 0.5}'`); none means full depth.
-Exited decode tokens write their KV entries but skip attention (compaction.py); the override
-`{"compact_attention": false}` makes every token attend at every step instead.
+Exited decode tokens write their KV entries but skip attention (compaction.py) in batches whose
+longest context reaches `compact_attention_min_context` keys (default 1024, where it was measured
+to pay); the override `{"compact_attention": false}` makes every token attend at every step.
 With `--pipeline-parallel-size N` the prelude layers, core steps and coda layers are split into N
 contiguous stages (pipeline.py); the residual stream, the still-active mask and the depths so far
 pass between them.
@@ -58,6 +59,7 @@ class PonderForCausalLM(nn.Module, SupportsPP):
         self.cfg = cfg = ponder_config(hf)
         self.price = request_params.server_price(hf)
         self.compact_attention = bool(getattr(hf, "compact_attention", True))  # compaction.py; off: every row attends
+        self.compact_min_context = int(getattr(hf, "compact_attention_min_context", compaction.MIN_CONTEXT))
         pp = get_pp_group()
         self.stage = stage = Stage.of(cfg, pp.rank_in_group, pp.world_size)
         with torch.device("meta"):  # the replicated pieces; the sharded ones replace the rest before any memory
@@ -150,6 +152,7 @@ class PonderForCausalLM(nn.Module, SupportsPP):
         price, lo, hi = self._token_params(N, h.device)
         first_priced = int(lo.min()) if bool(torch.isfinite(price).any()) else cfg.max_depth  # one sync, not one per step
         latest_k = latest_v = shared_kv = None
+        plans: dict = {}  # compaction's cut-down attention metadata, for this forward
         for s in steps:
             h_step = m.step_input(h, s)
             stop = s >= hi
@@ -172,7 +175,8 @@ class PonderForCausalLM(nn.Module, SupportsPP):
                     k, v = torch.where(active[:, None], k, latest_k), torch.where(active[:, None], v, latest_v)
                 latest_k, latest_v = k, v
             slot = self.slots[cfg.n_prelude + cfg.kv_fill.slot(s)]
-            out = compaction.attend(slot, q, k, v, active) if self.compact_attention else slot(q, k, v)
+            out = (compaction.attend(slot, q, k, v, active, plans, self.compact_min_context) if self.compact_attention
+                   else slot(q, k, v))
             h = self._finish(h, groups, out, active)
         return h, active, depth
 

@@ -127,13 +127,17 @@ if __name__ == "__main__":
         tp, pp = case.get("tensor_parallel_size", 1), case.get("pipeline_parallel_size", 1)
         llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=pp == 1, max_model_len=64,
                   max_num_seqs=4, gpu_memory_utilization=0.05, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                  distributed_executor_backend="mp" if tp * pp > 1 else None)
-        params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True)
+                  distributed_executor_backend="mp" if tp * pp > 1 else None, hf_overrides=case.get("hf_overrides"))
+        params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True,
+                                extra_args=case.get("extra_args"))
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)
         results[name] = [list(o.outputs[0].token_ids) for o in outs]
         del llm
     open(sys.argv[2], "w").write(json.dumps(results))
 """
+
+
+COMPACT_ALWAYS = {"compact_attention_min_context": 0}  # exited decode rows skip attention even at these short contexts
 
 
 def run_vllm_greedy(tmp_path: Path, cases: dict, threads_bind: str = "0-1") -> dict:
@@ -165,11 +169,11 @@ def test_vllm_matches_the_reference_for_every_schedule_and_kv_fill(tmp_path):
             name = f"{schedule}-{kv_fill}"
             ckpt, price = tiny_checkpoint(schedule, kv_fill, n_heads=2, n_kv_heads=1)  # vLLM's CPU attention: head_dim >= 32
             cases[name] = {"dir": str(export_hf(ckpt, tmp_path / name, exit_price=price)), "prompts": prompts,
-                           "max_tokens": 8}
+                           "max_tokens": 8, "hf_overrides": COMPACT_ALWAYS}
             want[name] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
     ckpt, price = adapted_checkpoint(n_heads=2, n_kv_heads=1)  # an exit bias per step and exit adapters
     cases["adapted"] = {"dir": str(export_hf(ckpt, tmp_path / "adapted", exit_price=price)), "prompts": prompts,
-                        "max_tokens": 8}
+                        "max_tokens": 8, "hf_overrides": COMPACT_ALWAYS}
     want["adapted"] = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
     assert run_vllm_greedy(tmp_path, cases) == want
 
@@ -191,8 +195,18 @@ def test_tensor_and_pipeline_parallel_2_match_one_worker_and_the_reference(tmp_p
     ckpt, price = tiny_checkpoint("routed", "propagate", n_heads=4, n_kv_heads=2, d_model=128)
     model_dir = str(export_hf(ckpt, tmp_path / "hf", exit_price=price))
     layouts = {"one": {}, "tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}
-    cases = {name: {"dir": model_dir, "prompts": prompts, "max_tokens": 8, **layout} for name, layout in layouts.items()}
+    cases = {name: {"dir": model_dir, "prompts": prompts, "max_tokens": 8, "hf_overrides": COMPACT_ALWAYS, **layout}
+             for name, layout in layouts.items()}
+    # A request's own budget reaches every stage (each stage's logits processor sees the batch): on the
+    # trained default model, whose text changes with the budget.
+    austen = load_checkpoint(DEFAULT_MODEL)
+    texts = [austen.tokenizer.encode(p).ids for p in PROMPTS[:2]]
+    cases["pp2-request-budget"] = {"dir": str(export_hf(austen, tmp_path / "austen")), "prompts": texts,
+                                   "max_tokens": 24, "pipeline_parallel_size": 2, "extra_args": {"compute_budget": 0.3}}
     want = [generate(ckpt.model, p, 8, ExitSpec(price=price)).token_ids for p in prompts]
+    at_budget, full = ([generate(austen.model, p, 24, exit).token_ids for p in texts]
+                       for exit in (ExitSpec(price=austen.calibration.price_for_budget(0.3)), ExitSpec()))
     got = run_vllm_greedy(tmp_path, cases, threads_bind="0|1")
     assert got["tp2"] == got["one"] == want
     assert got["pp2"] == want
+    assert got["pp2-request-budget"] == at_budget != full
