@@ -50,7 +50,7 @@ def timed(model_dir: str, tp: int, cores: list[int], prompts: list[list[int]], m
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[1]}" if tp == 1 else f"{cores[0]}|{cores[1]}"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     llm = LLM(model=model_dir, trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-              max_num_seqs=args.batch, gpu_memory_utilization=0.1, tensor_parallel_size=tp,
+              max_num_seqs=args.batch, gpu_memory_utilization=0.1, enable_prefix_caching=False, tensor_parallel_size=tp,
               distributed_executor_backend="mp" if tp > 1 else None)
     vllm_run(llm, prompts[:1], 4)  # warm-up
     times, tokens = [], None

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for compact in args.compact_attention if price is not None else ["on"]:
             llm = LLM(model=str(hf_dir), trust_remote_code=True, dtype="float32", enforce_eager=True,
                       max_model_len=ckpt.config.max_seq_len, max_num_seqs=args.batch, gpu_memory_utilization=0.1,
+                      enable_prefix_caching=False,  # every repeat sends the same prompts; Ponder caches no prefixes
                       hf_overrides={"exit_price": price, "compact_attention": compact == "on"})
             vllm_run(llm, prompts[:1], 4)  # warm-up
             v_runs[compact] = [vllm_run(llm, prompts, args.max_tokens) for _ in range(args.repeats)]
