@@ -136,21 +136,25 @@ def run_bench(model: str, batches: list[int], budgets: list[float], prompt_len: 
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Achieved speedup against both ideals, one panel per batch size."""
+def plot(rows: list[dict], path: Path, title: str, x: str = "budget", xlabel: str = "compute budget") -> None:
+    """Achieved speedup against both ideals over `x` (a row key), one panel per batch size. Budgets
+    run from full depth down; contexts on a log2 axis."""
     plt = pyplot()
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.4), squeeze=False, sharey=True)
     for ax, batch in zip(axes[0], batches):
-        cells = [r for r in rows if r["batch"] == batch]
-        budgets = [r["budget"] for r in cells]
-        ax.plot(budgets, [r["speedup"] for r in cells], "o-", label="achieved")
-        ax.plot(budgets, [r["ideal_speedup"] for r in cells], "--", label="ideal (FLOPs)")
-        ax.plot(budgets, [r["weights_ideal_speedup"] for r in cells], ":", label="ideal (weight reads)")
+        cells = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r[x])
+        xs = [r[x] for r in cells]
+        ax.plot(xs, [r["speedup"] for r in cells], "o-", label="achieved")
+        ax.plot(xs, [r["ideal_speedup"] for r in cells], "--", label="ideal (FLOPs)")
+        ax.plot(xs, [r["weights_ideal_speedup"] for r in cells], ":", label="ideal (weight reads)")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_title(f"batch {batch}")
-        ax.set_xlabel("compute budget")
-        ax.invert_xaxis()
+        ax.set_xlabel(xlabel)
+        if x == "budget":
+            ax.invert_xaxis()
+        else:
+            ax.set_xscale("log", base=2)
     axes[0][0].set_ylabel("decode speedup over full depth")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

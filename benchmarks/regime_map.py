@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine import measure, summarize
-from benchmarks.harness import csv_of, make_prompts, pyplot, run_rounds, save_figure, set_threads, write_results
+from benchmarks.engine import measure, plot, summarize
+from benchmarks.harness import csv_of, make_prompts, run_rounds, set_threads, write_results
 from runtime.checkpoint import load_checkpoint
 from runtime.devices import resolve_device, resolve_dtype
 from runtime.engine.engine import EngineConfig, LLMEngine
@@ -96,29 +96,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                   "budget": args.budget, "max_tokens": args.max_tokens, "rounds": args.rounds,
                   "prompt_file": args.prompt_file, "goal_fraction": GOAL_FRACTION, "rows": rows}
         write_results(args.out, result, lambda path: plot(rows, path, f"{Path(args.model).name}: budget {args.budget} "
-                                                                     f"against full depth ({dev}, {args.dtype})"))
+                                                                     f"against full depth ({dev}, {args.dtype})",
+                                                               x="context", xlabel="context (tokens)"))
     return rows
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Achieved speedup and both ideals against context, one panel per batch size."""
-    plt = pyplot()
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.4), squeeze=False, sharey=True)
-    for ax, batch in zip(axes[0], batches):
-        cells = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
-        contexts = [r["context"] for r in cells]
-        ax.plot(contexts, [r["speedup"] for r in cells], "o-", label="achieved")
-        ax.plot(contexts, [r["ideal_speedup"] for r in cells], "--", label="ideal (FLOPs)")
-        ax.plot(contexts, [r["weights_ideal_speedup"] for r in cells], ":", label="ideal (weight reads)")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"batch {batch}")
-        ax.set_xlabel("context (tokens)")
-    axes[0][0].set_ylabel("decode speedup over full depth")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

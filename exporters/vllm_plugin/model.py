@@ -159,7 +159,8 @@ class PonderForCausalLM(nn.Module, SupportsPP):
             if s >= first_priced:
                 stop |= (s >= lo) & (m.exit_score(h_step, s).float() < price)
             choice = m.route_logits(h_step).argmax(-1) if m.router is not None else None
-            if self.tp > 1:  # every rank takes rank 0's decisions
+            # Exit scores and routes are the model's decisions: every rank takes rank 0's (caps alone agree).
+            if self.tp > 1 and (s >= first_priced or choice is not None):
                 stop, *routed = agree(stop, *([] if choice is None else [choice]))
                 stop, choice = stop.bool(), routed[0] if routed else None
             active &= ~stop
