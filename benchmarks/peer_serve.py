@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="each round starts every server once, in rotated order")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="Ponder's torch threads = vLLM's bound cores")
     p.add_argument("--max-num-seqs", type=int, help="both servers (default: the largest concurrency)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both servers (bfloat16 where the CPU has native bf16: avx512_bf16 or AMX)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="both servers")
     p.add_argument("--max-model-len", type=int, default=2048, help="both servers")
     p.add_argument("--kv-cache-gib", type=float, default=2.0,
@@ -191,13 +193,14 @@ def free_port() -> int:
 def server_command(kind: str, args: argparse.Namespace, hf_dir: Path, ponder_dir: Path,
                    port: int) -> tuple[list[str], dict]:
     limits = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-              "--max-model-len", str(args.max_model_len), "--served-model-name", MODEL_NAME, "--port", str(port)]
+              "--max-model-len", str(args.max_model_len), "--served-model-name", MODEL_NAME, "--port", str(port),
+              "--dtype", args.dtype]
     if kind == "ponder":
         cmd = [sys.executable, "-m", "ponder.cli", "serve", "--model", str(ponder_dir), "--device", "cpu",
                "--threads", str(args.threads), "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning",
                *limits, *args.ponder_arg]
         return cmd, {"OMP_NUM_THREADS": str(args.threads)}
-    cmd = [args.vllm_python, "-m", "exporters.vllm_plugin.launch", "serve", str(hf_dir), "--dtype", "float32",
+    cmd = [args.vllm_python, "-m", "exporters.vllm_plugin.launch", "serve", str(hf_dir),
            "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--no-enable-prefix-caching",
            "--disable-log-stats", *limits, *args.vllm_arg]
     return cmd, {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -341,7 +344,7 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, dict]]) -> dict:
                 row["same_text_fraction"] = statistics.median(same)
         points.append(row)
     return {"source": args.source, "client": args.client, "servers": args.servers, "threads": args.threads,
-            "rounds_count": args.rounds, "max_num_seqs": args.max_num_seqs,
+            "dtype": args.dtype, "rounds_count": args.rounds, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
             "vllm_args": args.vllm_arg, "ponder_args": args.ponder_arg, "points": points,
             "startup_s": {k: [r[k]["_startup_s"]["seconds"] for r in rounds] for k in args.servers},
@@ -355,7 +358,7 @@ def print_table(result: dict) -> None:
     head = f"{'point':>12} {'prompts':>7} " + " ".join(
         f"{k + ' tok/s':>12} {k[:2] + ' TTFT ms':>11} {k[:2] + ' ITL ms':>10} {k[:2] + ' ITLp99':>10}" for k in kinds)
     print(f"\n{result['source']}: client {result['client']}, {result['threads']} thread(s), "
-          f"{result['rounds_count']} round(s), medians over rounds")
+          f"{result.get('dtype', 'float32')}, {result['rounds_count']} round(s), medians over rounds")
     print(head + (f" {'ponder/vllm':>11} {'TTFT p/v':>9}" if both else ""))
     for row in result["points"]:
         line = f"{row['key']:>12} {row['num_prompts']:>7} " + " ".join(
@@ -389,7 +392,8 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
     ax1.set_title("output throughput (label: Ponder/vLLM)")
     ax2.set_title("inter-token latency")
-    fig.suptitle(f"{result['source']} over HTTP, client {result['client']}, {result['threads']} thread(s)", fontsize=10)
+    fig.suptitle(f"{result['source']} over HTTP, client {result['client']}, {result['threads']} thread(s), "
+                 f"{result.get('dtype', 'float32')}", fontsize=10)
     save_figure(fig, path)
 
 

@@ -24,7 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--n", type=int, default=1, help="completions per prompt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where this CPU or GPU runs it natively, else float32) | float32 | bfloat16 | float16")
     g.set_defaults(func=run_generate)
 
 

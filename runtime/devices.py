@@ -1,4 +1,9 @@
-"""Device and dtype selection: --device auto|cpu|cuda|mps, --dtype float32|bfloat16|float16."""
+"""Device and dtype selection: --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
+
+--dtype auto is bfloat16 where the device multiplies it natively (a bf16-capable GPU, a CPU with
+avx512_bf16 or AMX), else float32: on a CPU without bf16 units torch emulates it, slower than fp32.
+On one AVX-512 CPU with avx512_bf16 the SmolLM2 engine ran a 1024-token prefill 1.8x faster in
+bf16 and 16 decode rows 1.5x faster; so the choice is made per machine at start-up, never fixed."""
 
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} must be one of float32, bfloat16, float16")
+        raise ValueError(f"--dtype {name!r} must be one of auto, float32, bfloat16, float16")
     dtype = DTYPES[name]
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("--dtype float16 is not supported on CPU (matmuls are slow or missing); use bfloat16 or float32")

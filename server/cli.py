@@ -18,7 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where this CPU or GPU runs it natively, else float32) | float32 | bfloat16 | float16")
     s.add_argument("--default-compute-budget", type=float, default=1.0, help="budget when a request sets none")
     s.add_argument("--max-num-seqs", type=int, default=32)
     s.add_argument("--max-num-batched-tokens", type=int, default=1024)

@@ -86,9 +86,12 @@ def run_core_process(conn, checkpoint: str, device: str, dtype: str, config: Eng
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    dev = resolve_device(device)
     try:
-        core = EngineCore(load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev)), config)
+        dev = resolve_device(device)
+        chosen = resolve_dtype(dtype, dev)
+        logging.getLogger(__name__).info("device %s, dtype %s (--dtype %s), CPU capability %s", dev, chosen, dtype,
+                                         torch.backends.cpu.get_cpu_capability())
+        core = EngineCore(load_checkpoint(checkpoint, device=dev, dtype=chosen), config)
     except Exception as e:
         conn.send_bytes(encode(Failed(f"{type(e).__name__}: {e}")))
         raise SystemExit(1) from e

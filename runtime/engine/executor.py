@@ -20,9 +20,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from runtime.attention import attend
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -312,7 +312,7 @@ class Executor:
         by `padding`) to k, v (R, Hkv, L, D) under mask (R, M, L). Returns (n, d)."""
         block, x = self._block(layer, x)
         q_pad = padding.pad(q).transpose(1, 2)  # (R, H, M, D)
-        out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
+        out = attend(q_pad, k, v, mask)
         return block.feedforward(x + block.attn.out(padding.unpad(out.transpose(1, 2)).flatten(1)))
 
     def _block_rows(self, layer: Layer, x: Tensor, attn: Tensor) -> Tensor:
@@ -419,13 +419,11 @@ class Executor:
             k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
             k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
             q_i = q[at : at + n].transpose(0, 1)[None]  # (1, H, n, D)
-            gqa = k.shape[1] != q.shape[1]
             if n == batch.lengths[i] and (batch.starts[i] == 0 or n == 1):  # whole chunk: causal from the top left
-                out.append(F.scaled_dot_product_attention(q_i, k, v, is_causal=n > 1, enable_gqa=gqa))
+                out.append(attend(q_i, k, v, causal=n > 1))
             else:
                 key_pos = torch.arange(ctx, device=self.device)
-                mask = key_pos[None, :] <= batch.positions[rows[at : at + n]][:, None]
-                out.append(F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, enable_gqa=gqa))
+                out.append(attend(q_i, k, v, key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]))
             at += n
         return torch.cat(out, dim=2)[0].transpose(0, 1)
 

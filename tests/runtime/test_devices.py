@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from runtime.checkpoint import DEFAULT_MODEL
-from runtime.devices import resolve_device, resolve_dtype
+from runtime.devices import native_bf16, resolve_device, resolve_dtype
 from runtime.engine.llm import LLM
 from runtime.engine.params import ComputeParams, SamplingParams
 
@@ -24,6 +24,7 @@ def test_dtypes_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
     with pytest.raises(ValueError, match="float16 is not supported on CPU"):
         resolve_dtype("float16", cpu)
     with pytest.raises(ValueError, match="must be one of"):

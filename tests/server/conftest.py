@@ -12,7 +12,7 @@ def server():
     """(base URL, process) of a fresh server for this module."""
     port = free_port()
     base, proc = start_server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu",
-                               "--log-level", "info"], port)
+                               "--dtype", "float32", "--log-level", "info"], port)
     yield base, proc
     if proc.poll() is None:
         proc.kill()

@@ -15,7 +15,7 @@ from tests.live_server import free_port, start_server
 
 def test_killing_the_engine_core_fails_in_flight_requests_and_exits_non_zero():
     port = free_port()
-    base, proc = start_server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu"],
+    base, proc = start_server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
                               port)
     try:
         pid = json.load(urllib.request.urlopen(f"{base}/health"))["engine_core_pid"]

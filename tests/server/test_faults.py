@@ -14,7 +14,7 @@ from tests.live_server import free_port, start_server
 
 def serve(*flags: str):
     port = free_port()
-    return start_server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu", *flags],
+    return start_server([sys.executable, "-m", "ponder.cli", "serve", "--port", str(port), "--device", "cpu", "--dtype", "float32", *flags],
                         port)
 
 

@@ -20,7 +20,8 @@ ANSWER = "0469134"
 def base():
     port = free_port()
     url, proc = start_server([sys.executable, "-m", "ponder.cli", "serve", "--model", str(CHECKPOINT), "--port", str(port),
-                              "--device", "cpu", "--chat-template", TEMPLATE, "--block-size", "4"], port)
+                              "--device", "cpu", "--dtype", "float32", "--chat-template", TEMPLATE,
+                              "--block-size", "4"], port)
     yield url
     proc.kill()
 

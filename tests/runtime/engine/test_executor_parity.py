@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from runtime import attention
 from runtime.config import ModelConfig
 from runtime.engine.executor import Executor, SeqInput
 from runtime.engine.kv_cache import PagedKVCache
@@ -46,9 +47,19 @@ def run_chunked(model, prompts, exit_for, rng: random.Random, make_executor=Exec
     return [(torch.cat(l), d) for l, d in zip(logits, depths)], executor
 
 
+@pytest.fixture
+def attention_kernel(request):
+    """Force one CPU attention kernel (runtime/attention.py) for the test, then restore the mode."""
+    mode = attention._mode
+    attention.set_attention_kernel(request.param)
+    yield request.param
+    attention.set_attention_kernel(mode)
+
+
+@pytest.mark.parametrize("attention_kernel", ["sdpa", "grouped"], indirect=True)
 @pytest.mark.parametrize("kv_fill", ["propagate", "latest", "shared"])
 @pytest.mark.parametrize("preset, overrides", CASES)
-def test_executor_matches_reference_with_explicit_depths(preset, overrides, kv_fill):
+def test_executor_matches_reference_with_explicit_depths(preset, overrides, kv_fill, attention_kernel):
     torch.manual_seed(0)
     rng = random.Random(0)
     model = PonderModel(ModelConfig.from_name(preset, kv_fill=kv_fill, **overrides)).eval()
