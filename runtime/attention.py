@@ -1,14 +1,12 @@
 """Attention of queries over gathered keys and values, with the kernel measured fastest on CPU.
 
 torch's CPU SDPA (a flash kernel) is fast in fp32, but in bf16 it can be several times slower
-than in fp32: on one AVX-512 CPU, 16 decode rows over 1040 keys took 7.6 ms in bf16 against
-1.1 ms in fp32. Grouped GEMMs do better there: the query heads that share a KV head become the
-rows of one batched matmul over that head's keys, with the softmax in fp32 (0.8 ms in bf16, but
-8 ms in fp32, where MKL's small batched GEMMs are slow). So on CPU the engine times both once per
-case (a decode step: one query per sequence; a prompt: a causal chunk), dtype, head shape and
-thread count, on synthetic tensors at a short and a long context, and takes grouped GEMMs only
-where they win at both. On CUDA and MPS SDPA runs.
-"""
+than in fp32: on one AVX-512 CPU, 16 decode rows over 1024 keys took 7.4 ms in bf16 against
+1.2 ms in fp32. Grouped GEMMs do better there: the query heads that share a KV head become the
+rows of one batched matmul over that head's keys (0.8 ms in bf16; but 2.1 ms in fp32, where SDPA
+wins). So on CPU the engine times both once per case (a decode step: one query per sequence; a
+prompt: a causal chunk), dtype, head shape and thread count, on synthetic tensors at a short and a
+long context, and takes grouped GEMMs only where they win at both. On CUDA and MPS SDPA runs."""
 
 from __future__ import annotations
 
@@ -63,13 +61,13 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = Non
     for s in range(0, M, CAUSAL_BLOCK) if causal else [0]:
         e = min(M, s + CAUSAL_BLOCK) if causal else M
         n, L = e - s, e if causal else k.shape[2]
-        qb = q[:, :, :, s:e].reshape(R, Hkv, g * n, D)
-        scores = torch.matmul(qb, k[:, :, :L].transpose(-1, -2)).mul_(1 / math.sqrt(D)).view(R, Hkv, g, n, L)
+        qb = q[:, :, :, s:e].reshape(R, Hkv, g * n, D) * (1 / math.sqrt(D))  # scaled here: fewer elements than the scores
+        scores = torch.matmul(qb, k[:, :, :L].transpose(-1, -2)).view(R, Hkv, g, n, L)
         if causal:
             scores[..., s:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
         elif mask is not None:
             scores.masked_fill_(~mask[:, None, None], -math.inf)
-        p = scores.softmax(-1, dtype=torch.float32).to(q.dtype).view(R, Hkv, g * n, L)
+        p = scores.softmax(-1).view(R, Hkv, g * n, L)  # CPU softmax accumulates bf16 in fp32
         out.append(torch.matmul(p, v[:, :, :L]).view(R, Hkv, g, n, D))
     return (out[0] if len(out) == 1 else torch.cat(out, 3)).view(R, H, M, D)
 
@@ -98,8 +96,7 @@ def _best_of(fn, repeats: int = 3) -> float:
 
 def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tuple]:
     """`attend` arguments of the case at a short and a long context: 16 decode rows over 128 and 1024
-    keys, or one prompt of 256 and of 1024 tokens. A kernel's speed can fall off a cliff between
-    them (fp32 grouped GEMMs here: 0.9x SDPA's time at 144 keys, 7x at 1040)."""
+    keys, or one prompt of 256 and of 1024 tokens; which kernel wins can change between them."""
     out = []
     for L in (128, 1024) if case == "decode" else (256, 1024):
         R, M = (16, 1) if case == "decode" else (1, L)

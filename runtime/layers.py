@@ -176,8 +176,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused op, in fp32 whatever the activation dtype.
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        # One fused op; it accumulates in fp32 whatever the activation dtype.
+        if x.dtype == self.weight.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
@@ -191,10 +191,10 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D) or (B, 1, T, D)."""
+    """x: (B, H, T, D); cos/sin: (T, D) or (B, 1, T, D), in x's dtype (as vLLM keeps its cos/sin cache)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):

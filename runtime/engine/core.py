@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.checkpoint import Checkpoint
+from runtime.cpu_malloc import keep_freed_memory
 from runtime.engine.executor import Executor
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import CoreStats, EngineCoreOutput
@@ -54,6 +55,8 @@ class EngineCore:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         block = self.config.block_size
         param = next(checkpoint.model.parameters())
+        if param.device.type == "cpu":
+            keep_freed_memory()  # process-wide; activations are not faulted in again at every op
         fits = int(self.config.kv_cache_gib * 2**30) // PagedKVCache.bytes_per_block(cfg, block, param.dtype)
         num_blocks = self.config.num_kv_blocks or min(self.config.max_num_seqs * -(-max_len // block), fits)
         if self.config.num_kv_blocks is None and num_blocks * block < max_len:
