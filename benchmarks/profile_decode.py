@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import csv_of, make_prompts, round_ratios, run_rounds, set_threads, write_results
+from runtime.attention import attention_kernel_choices
 from runtime.checkpoint import load_checkpoint
+from runtime.devices import resolve_dtype
 from runtime.engine.engine import EngineConfig, LLMEngine
 from runtime.engine.params import ComputeParams, SamplingParams
 from runtime.layers import PACK_ROWS, LINEAR_KERNELS, linear_kernel_choices, onednn_candidate, set_linear_kernel
@@ -198,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5, help="repeats of each ceiling and of the prefill")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", help="auto | float32 | bfloat16 (runtime/devices.py)")
     p.add_argument("--kernels", type=csv_of(str), default="auto",
                    help="CPU linear kernels to compare in this run (runtime/layers.py): auto, aten, onednn")
     p.add_argument("--fuse-linears", type=csv_of(str), default="on",
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.peer_serve import prepare_weights
 
         args.model = str(prepare_weights(args.source)[1])
-    engines = {fuse: LLMEngine(load_checkpoint(args.model), EngineConfig(
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    engines = {fuse: LLMEngine(load_checkpoint(args.model, dtype=dtype), EngineConfig(
         max_num_seqs=max(args.batches), block_size=16, max_num_batched_tokens=max(args.prefill_len, max(args.batches) * args.context),
         max_model_len=max(args.prefill_len, args.context + 64) + 16, fuse_linears=fuse == "on")) for fuse in args.fuse_linears}
     model = next(iter(engines.values())).ckpt.model
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rounds = run_rounds(list(variants), args.rounds, once, "profile" if args.rounds > 1 else None)
     result["kernel_choices"] = linear_kernel_choices()
+    result["attention_choices"] = attention_kernel_choices()
     result["rounds"] = [{"order": list(r), **r} for r in rounds]
     result |= combine(rounds, list(variants), args.batches)
     report(result)
