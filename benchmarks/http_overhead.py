@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs every variant once")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto, in this process and the server")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, in this process and the server (1: a shared CPU does not stall a thread team)")
     p.add_argument("--out", default="results/http-overhead.json")
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    return start_server_with(args.model, args.threads, "--max-num-seqs", str(args.max_num_seqs))
+    return start_server_with(args.model, args.threads, "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype)
 
 
 def run_direct(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
@@ -81,7 +82,7 @@ async def run_http(base: str, prompts: list[list[int]], max_tokens: int, stream:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = set_threads(args.threads)
-    llm = LLM(args.model, device="cpu", max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, device="cpu", dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     prompts = make_prompts(llm.tokenizer, llm.engine.ckpt.config.vocab_size, args.num_prompts, args.prompt_len,
                            HELDOUT_TEXT)
     proc, base = start_server(args)

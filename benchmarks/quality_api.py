@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=20, help="Persuasion windows of --window tokens to score")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="the engine core's torch threads")
+    p.add_argument("--dtype", default="float32",
+                   help="the server's --dtype (float32, as the published quality figures; auto for a machine's default)")
     p.add_argument("--lm-eval", default=str(REPO / ".venv-lmeval" / "bin" / "lm_eval"))
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory for lm-eval (default: SmolLM2's, "
                                        "as benchmarks.peer_serve prepares it)")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                 name = Path(checkpoint).name
                 start = time.perf_counter()
                 proc, base = start_server_with(checkpoint, args.threads, "--default-compute-budget", str(budget),
-                                               "--served-model-name", name)
+                                               "--served-model-name", name, "--dtype", args.dtype)
                 try:
                     result = lm_eval(args, base, name, task_dir, tokenizer_dir, Path(tmp) / f"{name}-{budget}")
                 finally:

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--disconnect-fraction", type=float, default=0.03, help="streams the client drops mid-way")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine core")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bf16 where the CPU has it natively)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/soak.json")
     args = p.parse_args(argv)
@@ -190,7 +191,7 @@ async def run(args: argparse.Namespace, base: str, server_pid: int, core_pid: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    proc, base = start_server_with(args.model, args.threads)
+    proc, base = start_server_with(args.model, args.threads, "--dtype", args.dtype)
     try:
         core_pid = json.load(urllib.request.urlopen(f"{base}/health"))["engine_core_pid"]
         result = asyncio.run(run(args, base, proc.pid, core_pid))

@@ -1,12 +1,20 @@
 """Attention of queries over gathered keys and values, with the kernel measured fastest on CPU.
 
-torch's CPU SDPA (a flash kernel) is fast in fp32, but in bf16 it can be several times slower
-than in fp32: on one AVX-512 CPU, 16 decode rows over 1024 keys took 7.4 ms in bf16 against
-1.2 ms in fp32. Grouped GEMMs do better there: the query heads that share a KV head become the
-rows of one batched matmul over that head's keys (0.8 ms in bf16; but 2.1 ms in fp32, where SDPA
-wins). So on CPU the engine times both once per case (a decode step: one query per sequence; a
-prompt: a causal chunk), dtype, head shape and thread count, on synthetic tensors at a short and a
-long context, and takes grouped GEMMs only where they win at both. On CUDA and MPS SDPA runs."""
+torch's CPU SDPA (a flash kernel) is fast in fp32, but in bf16 it can be several times slower than
+in fp32: on one AVX-512 CPU, 16 decode rows over 1024 keys took 7.4 ms in bf16 against 1.2 ms in
+fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two more kernels:
+  - sdpa_fp32: SDPA on fp32 copies of q, k and v (decode rows, and chunks after cached context);
+  - grouped: batched GEMMs in the input dtype, the query heads that share a KV head as the rows
+    of one matmul over that head's keys (a 1024-token causal prompt in bf16: 4.8 ms; 16 decode rows
+    over 1024 keys: 0.8 ms). oneDNN builds and keeps a kernel per GEMM shape (~0.8 MB each), so the
+    shapes are bucketed: a prompt runs 128 queries at a time, queries and keys padded to multiples
+    of 128; a decode step pads its sequences to a power of two and its keys to a multiple of 256,
+    masked. Chunks after cached context (any length over any context) never take it.
+On CPU the engine times the candidates once per case (decode; prompt; chunk), dtype, head shape
+and thread count, on synthetic tensors at a short and a long context, and runs at each context
+(below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. On CUDA
+and MPS SDPA runs.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +29,17 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-ATTENTION_KERNELS = ("auto", "sdpa", "grouped")
-CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt: keys past the block's last row are never read
+ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped")
+CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket queries and keys are padded to
+DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
+LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
 _mode = os.environ.get("PONDER_CPU_ATTENTION", "auto")
 _choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kernel", "sdpa_us", "grouped_us"}
 
 
 def set_attention_kernel(mode: str) -> None:
-    """`auto` (measure, the default; env PONDER_CPU_ATTENTION), or force `sdpa` or `grouped` on CPU."""
+    """`auto` (measure, the default; env PONDER_CPU_ATTENTION), or force a kernel on CPU (`grouped`
+    applies to causal prompts and decode steps; chunks after cached context then run `sdpa`)."""
     global _mode
     if mode not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {mode!r} must be one of {', '.join(ATTENTION_KERNELS)}")
@@ -44,44 +55,70 @@ def attention_kernel_choices() -> list[dict]:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """q (R, H, M, D) over k, v (R, Hkv, L, D). mask (R, M, L), True where a query sees a key; or
     causal: M == L, the chunk runs from position 0. Returns (R, H, M, D)."""
-    if _kernel(q, k) == "grouped":
-        return grouped_attention(q, k, v, mask, causal)
+    return _run(_kernel(q, k, causal), q, k, v, mask, causal)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                           is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """`attend` as batched GEMMs: per KV head, its query heads' rows against its keys. A causal chunk
-    runs CAUSAL_BLOCK queries at a time over the keys up to the block's end."""
+def _padded(t: Tensor, R: int, L: int) -> Tensor:
+    """t (r, Hkv, l, D), in any layout, zero-padded to (R, Hkv, L, D) and contiguous, so that (R, Hkv)
+    folds into one GEMM batch dimension without a copy (F.pad keeps the cache's transposed layout)."""
+    out = t.new_zeros(R, t.shape[1], L, t.shape[3])
+    out[: t.shape[0], :, : t.shape[2]] = t
+    return out
+
+
+def grouped_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One query per sequence (M == 1) under mask (R, 1, L) (None: every key), as batched GEMMs per KV head: sequences
+    padded to a power of two and keys to a multiple of DECODE_KEYS (masked), so every GEMM has one
+    of few shapes."""
+    R, H, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    g, pad_r, pad_l = H // Hkv, (1 << (R - 1).bit_length()) - R, -L % DECODE_KEYS
+    q = F.pad(q.reshape(R, Hkv, g, D), (0, 0, 0, 0, 0, 0, 0, pad_r)) * (1 / math.sqrt(D))
+    k, v = (_padded(t, R + pad_r, L + pad_l) for t in (k, v))
+    sees = torch.ones(R, L, dtype=torch.bool, device=q.device) if mask is None else mask[:, 0]
+    sees = F.pad(sees, (0, pad_l, 0, pad_r))
+    sees[R:, 0] = True  # padded sequences see their first (zero) key, so their rows stay finite
+    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~sees[:, None, None], -math.inf)
+    return torch.matmul(scores.softmax(-1), v)[:R].reshape(R, H, 1, D)
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of a chunk from position 0 (M == L) as batched GEMMs: per KV head, its query
+    heads' rows against its keys, CAUSAL_BLOCK queries at a time over the keys up to the block's
+    end. Queries and keys are padded to a multiple of CAUSAL_BLOCK (padded keys sit past every real
+    query, so the causal mask hides them), so every GEMM has one of few shapes."""
     R, H, M, D = q.shape
     Hkv, g = k.shape[1], H // k.shape[1]
-    k, v = k.contiguous(), v.contiguous()  # folds (R, Hkv) into one batch dimension without copies below
-    q = q.reshape(R, Hkv, g, M, D)
+    B, pad = CAUSAL_BLOCK, -M % CAUSAL_BLOCK
+    q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # scaled: fewer elements than the scores
+    k, v = _padded(k, R, M + pad), _padded(v, R, M + pad)
+    future = torch.ones(B, B, dtype=torch.bool, device=q.device).triu(1)
     out = []
-    for s in range(0, M, CAUSAL_BLOCK) if causal else [0]:
-        e = min(M, s + CAUSAL_BLOCK) if causal else M
-        n, L = e - s, e if causal else k.shape[2]
-        qb = q[:, :, :, s:e].reshape(R, Hkv, g * n, D) * (1 / math.sqrt(D))  # scaled here: fewer elements than the scores
-        scores = torch.matmul(qb, k[:, :, :L].transpose(-1, -2)).view(R, Hkv, g, n, L)
-        if causal:
-            scores[..., s:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
-        elif mask is not None:
-            scores.masked_fill_(~mask[:, None, None], -math.inf)
-        p = scores.softmax(-1).view(R, Hkv, g * n, L)  # CPU softmax accumulates bf16 in fp32
-        out.append(torch.matmul(p, v[:, :, :L]).view(R, Hkv, g, n, D))
-    return (out[0] if len(out) == 1 else torch.cat(out, 3)).view(R, H, M, D)
+    for s in range(0, M + pad, B):
+        e = s + B
+        scores = torch.matmul(q[:, :, :, s:e].reshape(R, Hkv, g * B, D), k[:, :, :e].transpose(-1, -2))
+        scores = scores.view(R, Hkv, g, B, e)
+        scores[..., s:].masked_fill_(future, -math.inf)
+        p = scores.softmax(-1).view(R, Hkv, g * B, e)  # CPU softmax accumulates bf16 in fp32
+        out.append(torch.matmul(p, v[:, :, :e]).view(R, Hkv, g, B, D))
+    return torch.cat(out, 3)[:, :, :, :M].reshape(R, H, M, D)
 
 
-def _kernel(q: Tensor, k: Tensor) -> str:
+def _kernel(q: Tensor, k: Tensor, causal: bool) -> str:
     if q.device.type != "cpu":
         return "sdpa"
+    case = "prompt" if causal else "decode" if q.shape[2] == 1 else "chunk"
     if _mode != "auto":
-        return _mode
-    case = "decode" if q.shape[2] == 1 else "prompt"
+        return "sdpa" if _mode == "grouped" and case == "chunk" else _mode
     key = (case, q.dtype, q.shape[1], k.shape[1], q.shape[3], torch.get_num_threads())
     if key not in _choices:
         _choices[key] = _choose(*key)
-    return _choices[key]["kernel"]
+    return _choices[key]["kernels"][k.shape[2] >= LONG_CONTEXT]
 
 
 def _best_of(fn, repeats: int = 3) -> float:
@@ -95,28 +132,47 @@ def _best_of(fn, repeats: int = 3) -> float:
 
 
 def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tuple]:
-    """`attend` arguments of the case at a short and a long context: 16 decode rows over 128 and 1024
-    keys, or one prompt of 256 and of 1024 tokens; which kernel wins can change between them."""
+    """`attend` arguments of the case at a short and a long context (16 decode rows over 128 and
+    1024 keys; one prompt of 256 and of 1024 tokens; a 64-token chunk after 448 and 960 cached
+    tokens); which kernel wins can change between them."""
     out = []
-    for L in (128, 1024) if case == "decode" else (256, 1024):
-        R, M = (16, 1) if case == "decode" else (1, L)
+    for L in (128, 1024) if case == "decode" else (256, 1024) if case == "prompt" else (512, 1024):
+        R, M = {"decode": (16, 1), "prompt": (1, L), "chunk": (1, 64)}[case]
         q = torch.randn(R, H, M, D, dtype=dtype)
         k, v = (torch.randn(R, L, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))  # as the paged cache gathers
-        mask = (torch.arange(L)[None, :] < torch.linspace(L * 3 // 4, L, R)[:, None])[:, None] if case == "decode" else None
-        out.append((q, k, v, mask, case != "decode"))
+        if case == "decode":
+            mask = (torch.arange(L)[None, :] < torch.linspace(L * 3 // 4, L, R)[:, None])[:, None]
+        else:
+            mask = None if case == "prompt" else (torch.arange(L)[None, :] <= torch.arange(L - M, L)[:, None])[None]
+        out.append((q, k, v, mask, case == "prompt"))
     return out
 
 
-def _choose(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int, threads: int) -> dict:
-    """Time SDPA and grouped GEMMs on the case's shapes; grouped wins if 5% faster at every one."""
-    def sdpa(q, k, v, mask, causal):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                              is_causal=causal, enable_gqa=Hkv != H)
+def _candidates(case: str, dtype: torch.dtype) -> list[str]:
+    """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, and SDPA
+    on fp32 copies where the input is not fp32 already."""
+    return (["grouped"] if case != "chunk" else []) + (["sdpa_fp32"] if dtype != torch.float32 else [])
 
+
+def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    if kernel == "grouped":
+        return grouped_attention(q, k, v) if causal else grouped_decode(q, k, v, mask)
+    if kernel == "sdpa_fp32" and q.dtype != torch.float32:
+        return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
+    return _sdpa(q, k, v, mask, causal)
+
+
+def _choose(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int, threads: int) -> dict:
+    """Time SDPA and the case's other kernels at its short and long context; at each, the fastest
+    kernel that is 5% faster than SDPA there wins, else SDPA."""
+    cases = _cases(case, dtype, H, Hkv, D)
     with torch.inference_mode():
-        times = [(_best_of(lambda a=a: sdpa(*a)), _best_of(lambda a=a: grouped_attention(*a)))
-                 for a in _cases(case, dtype, H, Hkv, D)]
-    kernel = "grouped" if all(g < 0.95 * s for s, g in times) else "sdpa"
-    log.info("attention (%s, %s, %d/%d heads of %d, %d threads): SDPA %s us, grouped GEMMs %s us -> %s", case,
-             dtype, H, Hkv, D, threads, [round(s * 1e6) for s, _ in times], [round(g * 1e6) for _, g in times], kernel)
-    return {"kernel": kernel, "sdpa_us": [s * 1e6 for s, _ in times], "grouped_us": [g * 1e6 for _, g in times]}
+        times = {kernel: [_best_of(lambda a=a: _run(kernel, *a)) for a in cases]
+                 for kernel in ["sdpa", *_candidates(case, dtype)]}
+    kernels = []
+    for i in range(len(cases)):
+        winners = [k for k in times if k != "sdpa" and times[k][i] < 0.95 * times["sdpa"][i]]
+        kernels.append(min(winners, key=lambda k: times[k][i]) if winners else "sdpa")
+    log.info("attention (%s, %s, %d/%d heads of %d, %d threads): %s us -> %s (short, long context)", case, dtype, H,
+             Hkv, D, threads, {k: [round(t * 1e6) for t in ts] for k, ts in times.items()}, kernels)
+    return {"kernels": kernels, **{f"{k}_us": [t * 1e6 for t in ts] for k, ts in times.items()}}

@@ -8,6 +8,7 @@ and is faulted in again, page by page, at the next op. On a 2-core AVX-512 CPU, 
 step of 15 x 128 tokens on SmolLM2-135M took 1.05 s with the defaults and 0.76 s with the settings
 below (the same in-process step; vLLM's CPU docs preload tcmalloc for the same reason). The cost is
 memory: up to TRIM_THRESHOLD of freed heap stays mapped to the process.
+PONDER_KEEP_FREED_MEMORY=0 leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; allocations past it (weights, the KV cache) still get their own mmap
-TRIM_THRESHOLD = 256 * 2**20
+TRIM_THRESHOLD = 64 * 2**20
 _applied = False
 
 
@@ -30,6 +32,8 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
+    if os.environ.get("PONDER_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

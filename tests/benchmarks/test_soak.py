@@ -8,7 +8,7 @@ from benchmarks import soak
 def test_a_minute_of_mixed_load_leaks_nothing(tmp_path):
     out = tmp_path / "soak.json"
     assert soak.main(["--duration", "60", "--rate", "2", "--sample-every", "5", "--disconnect-fraction", "0.1",
-                      "--out", str(out)]) == 0
+                      "--dtype", "float32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["outcomes"].get("failed", 0) == 0, result["errors"]
     assert result["outcomes"]["ok"] > 60 and result["outcomes"].get("disconnected", 0) > 0
