@@ -34,7 +34,7 @@ CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket que
 DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
 LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
 _mode = os.environ.get("PONDER_CPU_ATTENTION", "auto")
-_choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kernel", "sdpa_us", "grouped_us"}
+_choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kernels": [short, long], "<kernel>_us"}
 
 
 def set_attention_kernel(mode: str) -> None:
@@ -49,7 +49,8 @@ def set_attention_kernel(mode: str) -> None:
 
 def attention_kernel_choices() -> list[dict]:
     """What each measured case chose, with the timings behind it (for logs and benchmarks)."""
-    return [{"case": k[0], "dtype": str(k[1]), "heads": list(k[2:5]), "threads": k[5], **v} for k, v in _choices.items()]
+    return [{"case": k[0], "dtype": str(k[1]), "heads": list(k[2:5]), "threads": k[5], **v}
+            for k, v in _choices.items()]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
@@ -72,9 +73,9 @@ def _padded(t: Tensor, R: int, L: int) -> Tensor:
 
 
 def grouped_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """One query per sequence (M == 1) under mask (R, 1, L) (None: every key), as batched GEMMs per KV head: sequences
-    padded to a power of two and keys to a multiple of DECODE_KEYS (masked), so every GEMM has one
-    of few shapes."""
+    """One query per sequence (M == 1) under mask (R, 1, L) (None: every key), as batched GEMMs per
+    KV head: sequences padded to a power of two and keys to a multiple of DECODE_KEYS (masked), so
+    every GEMM has one of few shapes."""
     R, H, _, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     g, pad_r, pad_l = H // Hkv, (1 << (R - 1).bit_length()) - R, -L % DECODE_KEYS
@@ -95,7 +96,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     R, H, M, D = q.shape
     Hkv, g = k.shape[1], H // k.shape[1]
     B, pad = CAUSAL_BLOCK, -M % CAUSAL_BLOCK
-    q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # scaled: fewer elements than the scores
+    q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # fewer elements than the scores
     k, v = _padded(k, R, M + pad), _padded(v, R, M + pad)
     future = torch.ones(B, B, dtype=torch.bool, device=q.device).triu(1)
     out = []

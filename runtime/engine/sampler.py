@@ -60,7 +60,7 @@ def sample(logits: Tensor, rows: list[SampleRow], allowed: tuple[list[int], Tens
         if sampled:
             u = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(probs.device)
             cdf = probs[sampled].cumsum(-1)
-            picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips zero-probability tokens
+            picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # never a 0-probability token
             chosen[sampled] = picks.clamp(max=probs.shape[-1] - 1)
     forced = [r.forced for r in rows]
     if any(f is not None for f in forced):
@@ -106,7 +106,8 @@ def _filter(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     """Top-k, top-p and min-p per row, on temperature-scaled logits. Each keeps a prefix of the row's
     tokens in descending order, so the survivors are the shortest of those prefixes; they are found
     among the row's top k tokens, k = 64, else 1024, else the whole vocabulary: the first k inside
-    which every filtered row's prefix ends, instead of sorting the whole vocabulary (a sort of 16 rows of 49,152 took ~35 ms here)."""
+    which every filtered row's prefix ends, instead of sorting the whole vocabulary (a sort of 16 rows
+    of 49,152 took ~35 ms here)."""
     V = logits.shape[-1]
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], device=logits.device)
     top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
@@ -127,7 +128,8 @@ def _filter(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     #   top_p (at 1.0 none: a float cumsum reaches 1 before the tail, which must stay)
     drop |= values < min_p[:, None] * values[:, :1]
     drop[:, 0] = False
-    kept = torch.full_like(logits, float("-inf")).scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
+    kept = torch.full_like(logits, float("-inf")).scatter(
+        -1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
     return torch.where(filtered[:, None], kept, logits)
 
 

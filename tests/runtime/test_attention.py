@@ -36,7 +36,8 @@ def test_grouped_gemms_match_sdpa_on_causal_prompts(dtype, tol, H, Hkv):
     for T in (5, CAUSAL_BLOCK, 2 * CAUSAL_BLOCK + 37):  # under one block, exactly one, and past two
         q = torch.randn(1, H, T, D, dtype=dtype)
         k, v = cache_layout(1, T, Hkv, D, dtype), cache_layout(1, T, Hkv, D, dtype)
-        torch.testing.assert_close(grouped_attention(q, k, v).double(), reference(q, k, v, None, True), atol=tol, rtol=tol)
+        torch.testing.assert_close(grouped_attention(q, k, v).double(), reference(q, k, v, None, True),
+                                   atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "sdpa_fp32", "grouped"])
@@ -57,7 +58,8 @@ def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     torch.testing.assert_close(attend(q, k, v).double(), reference(q, k, v, None, False), atol=3e-2, rtol=3e-2)
     q = torch.randn(1, 9, 200, D, dtype=dtype)  # a whole prompt
     k, v = cache_layout(1, 200, 3, D, dtype), cache_layout(1, 200, 3, D, dtype)
-    torch.testing.assert_close(attend(q, k, v, causal=True).double(), reference(q, k, v, None, True), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(attend(q, k, v, causal=True).double(), reference(q, k, v, None, True),
+                               atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,8 +71,8 @@ def test_auto_measures_each_case_once_and_keeps_a_kernel_only_if_it_beats_sdpa(d
     with torch.inference_mode():
         out = attend(q, k, v, mask)
         attend(q, k, v, mask)
-        attend(torch.randn(1, 4, 30, 8, dtype=dtype), cache_layout(1, 30, 2, 8, dtype), cache_layout(1, 30, 2, 8, dtype),
-               causal=True)
+        prompt = torch.randn(1, 4, 30, 8, dtype=dtype)
+        attend(prompt, cache_layout(1, 30, 2, 8, dtype), cache_layout(1, 30, 2, 8, dtype), causal=True)
     choices = attention_kernel_choices()
     assert [c["case"] for c in choices] == ["decode", "prompt"]  # measured once each, on first use
     for choice in choices:

@@ -29,12 +29,14 @@ def test_frequencies_follow_the_probabilities_and_filtered_tokens_never_come_up(
 
 def test_a_seeded_row_ignores_its_neighbours_and_logprobs_are_normalised():
     torch.manual_seed(0)
-    logits = torch.randn(3, 1000) * 3
-    alone = [sample(logits[1:2], [row(seed=5, temperature=0.9, top_p=0.9)])[0].token_id for _ in range(1)]
-    mixed = sample(logits, [row(temperature=0.0), row(seed=5, temperature=0.9, top_p=0.9), row(seed=9, temperature=1.3)])
-    assert mixed[1].token_id == alone[0]
-    assert mixed[0].token_id == int(logits[0].argmax())
-    for s, lg in zip(mixed, logits):
+    logits = torch.randn(3, 1000)
+    alone_row = row(seed=5, temperature=0.9, top_p=0.95)
+    alone = [sample(logits[1:2], [alone_row])[0].token_id for _ in range(20)]
+    rows = [row(temperature=0.0), row(seed=5, temperature=0.9, top_p=0.95), row(seed=9, temperature=1.3)]
+    mixed = [sample(logits, rows) for _ in range(20)]
+    assert [m[1].token_id for m in mixed] == alone and len(set(alone)) > 5  # the same 20 draws, from a wide nucleus
+    assert all(m[0].token_id == int(logits[0].argmax()) for m in mixed)
+    for s, lg in zip(mixed[0], logits):
         assert math.isclose(s.logprob, float(torch.log_softmax(lg, -1)[s.token_id]), rel_tol=1e-5, abs_tol=1e-5)
 
 
