@@ -57,11 +57,10 @@ def sample(logits: Tensor, rows: list[SampleRow], allowed: tuple[list[int], Tens
         # race, as torch.multinomial runs, draws one per vocabulary entry: 11 ms for 16 rows of
         # 49,152 here). Greedy rows draw nothing, so a seeded stream never depends on its neighbours.
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sampled:
-            u = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(probs.device)
-            cdf = probs[sampled].cumsum(-1)
-            picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # never a 0-probability token
-            chosen[sampled] = picks.clamp(max=probs.shape[-1] - 1)
+        u = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(probs.device)
+        cdf = probs[sampled].cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # never a 0-probability token
+        chosen[sampled] = picks.clamp(max=probs.shape[-1] - 1)
     forced = [r.forced for r in rows]
     if any(f is not None for f in forced):
         chosen = torch.where(torch.tensor([f is not None for f in forced], device=chosen.device),
