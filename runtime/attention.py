@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from runtime.layers import best_of
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +123,6 @@ def _kernel(q: Tensor, k: Tensor, causal: bool) -> str:
     return _choices[key]["kernels"][k.shape[2] >= LONG_CONTEXT]
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tuple]:
     """`attend` arguments of the case at a short and a long context (16 decode rows over 128 and
     1024 keys; one prompt of 256 and of 1024 tokens; a 64-token chunk after 448 and 960 cached
@@ -141,10 +132,11 @@ def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tupl
         R, M = {"decode": (16, 1), "prompt": (1, L), "chunk": (1, 64)}[case]
         q = torch.randn(R, H, M, D, dtype=dtype)
         k, v = (torch.randn(R, L, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))  # as the paged cache gathers
-        if case == "decode":
+        mask = None  # a prompt is causal
+        if case == "decode":  # sequences of 3/4 L to L keys
             mask = (torch.arange(L)[None, :] < torch.linspace(L * 3 // 4, L, R)[:, None])[:, None]
-        else:
-            mask = None if case == "prompt" else (torch.arange(L)[None, :] <= torch.arange(L - M, L)[:, None])[None]
+        elif case == "chunk":  # the last M positions, each over the keys up to itself
+            mask = (torch.arange(L)[None, :] <= torch.arange(L - M, L)[:, None])[None]
         out.append((q, k, v, mask, case == "prompt"))
     return out
 
@@ -168,7 +160,7 @@ def _choose(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int, threads: in
     kernel that is 5% faster than SDPA there wins, else SDPA."""
     cases = _cases(case, dtype, H, Hkv, D)
     with torch.inference_mode():
-        times = {kernel: [_best_of(lambda a=a: _run(kernel, *a)) for a in cases]
+        times = {kernel: [best_of(lambda a=a: _run(kernel, *a), repeats=3) for a in cases]
                  for kernel in ["sdpa", *_candidates(case, dtype)]}
     kernels = []
     for i in range(len(cases)):

@@ -88,7 +88,8 @@ def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _best_of(fn, repeats: int = 5) -> float:
+def best_of(fn, repeats: int = 5) -> float:
+    """The best wall time of `repeats` calls of fn, after one warm-up call (kernel choices at start-up)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -101,8 +102,8 @@ def _best_of(fn, repeats: int = 5) -> float:
 def _choose(weight: Tensor, packed: Tensor) -> dict:
     """Time aten and oneDNN on this weight at 1 and PACK_ROWS rows; oneDNN wins if 5% faster in sum."""
     xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in (1, PACK_ROWS)]
-    aten = sum(_best_of(lambda x=x: F.linear(x, weight)) for x in xs)
-    onednn = sum(_best_of(lambda x=x: _onednn(x, packed, None)) for x in xs)
+    aten = sum(best_of(lambda x=x: F.linear(x, weight)) for x in xs)
+    onednn = sum(best_of(lambda x=x: _onednn(x, packed, None)) for x in xs)
     kernel = "onednn" if onednn < 0.95 * aten else "aten"
     log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %.0f us -> %s", tuple(weight.shape),
              weight.dtype, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), aten * 1e6, onednn * 1e6,
