@@ -9,7 +9,8 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     over 1024 keys: 0.8 ms). oneDNN builds and keeps a kernel per GEMM shape (~0.8 MB each), so the
     shapes are bucketed: a prompt runs 128 queries at a time, queries and keys padded to multiples
     of 128; a decode step pads its sequences to a power of two and its keys to a multiple of 256,
-    masked. Chunks after cached context (any length over any context) never take it.
+    masked. Chunks after cached context (any length over any context) never take it. The engine
+core runs every bucket once at start-up (`warm_up_attention`).
 On CPU the engine times the candidates once per case (decode; prompt; chunk), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. On CUDA
@@ -109,6 +110,35 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         p = scores.softmax(-1).view(R, Hkv, g * B, e)  # CPU softmax accumulates bf16 in fp32
         out.append(torch.matmul(p, v[:, :, :e]).view(R, Hkv, g, B, D))
     return torch.cat(out, 3)[:, :, :, :M].reshape(R, H, M, D)
+
+
+def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: int, max_len: int,
+                      max_prompt: int) -> int:
+    """Measure the kernel choices now, and run `grouped` at every shape bucket it can take: decode
+    steps of up to max_seqs sequences over up to max_len keys, and prompts of up to max_prompt
+    tokens (one causal call runs every block a shorter prompt does), so that oneDNN builds their
+    GEMM kernels at start-up. Returns the number of calls run."""
+    calls = 0
+    with torch.inference_mode():
+        R = 1
+        while True:
+            for L in range(DECODE_KEYS, max_len + DECODE_KEYS, DECODE_KEYS):
+                q = torch.zeros(R, H, 1, D, dtype=dtype)
+                k = torch.zeros(R, L, Hkv, D, dtype=dtype).transpose(1, 2)  # as the paged cache gathers
+                shortest = k[:, :, : L - DECODE_KEYS + 1]  # the contexts this bucket pads may fall in another range
+                if "grouped" in (_kernel(q, shortest, causal=False), _kernel(q, k, causal=False)):
+                    grouped_decode(q, k, k, None)
+                    calls += 1
+            if R >= max_seqs:
+                break
+            R *= 2
+        longest = min(max_len, max_prompt)
+        for T in sorted({min(longest, LONG_CONTEXT - 1), longest}):  # the longest prompt of each context range
+            q, k = torch.zeros(1, H, T, D, dtype=dtype), torch.zeros(1, T, Hkv, D, dtype=dtype).transpose(1, 2)
+            if _kernel(q, k, causal=True) == "grouped":
+                grouped_attention(q, k, k)
+                calls += 1
+    return calls
 
 
 def _kernel(q: Tensor, k: Tensor, causal: bool) -> str:

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 # row. So an inference forward on CPU measures both, once per weight shape, dtype and thread
 # count, among the kernels the CPU's capability allows, and keeps the faster. Training (autograd),
 # tracing and export always take F.linear. The packed copy is extra memory beside the weight.
-# oneDNN builds (and caches) a primitive per row count, about 0.5-1.5 MB each: past 16 rows the
-# rows are padded up to a bucket, so a server sees a few dozen row counts per weight shape, not
-# one per prefill length.
+# oneDNN builds (and caches) a primitive per row count, about 0.5-1.5 MB each, for the prepacked
+# weights and also for aten's bf16 GEMMs (aten's fp32 GEMM is MKL's): past 16 rows the rows are
+# padded up to a bucket, so a server sees a few dozen row counts per weight shape, not one per
+# prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic); the engine core builds them all at start-up (`warm_up_linears`).
 
 LINEAR_KERNELS = ("auto", "aten", "onednn")
 PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, and a row's output does not
@@ -78,14 +79,18 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+def _bucketed(gemm, x: Tensor) -> Tensor:
+    """gemm(x) with x's rows zero-padded up to their row bucket (the padded rows are dropped)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 1
     bucket = row_bucket(rows)
     if bucket == rows:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows))  # zero rows, dropped below
-    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        return gemm(x)
+    out = gemm(F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows)))
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return _bucketed(lambda t: torch.ops.mkldnn._linear_pointwise(t, packed, bias, "none", [], ""), x)
 
 
 def best_of(fn, repeats: int = 5) -> float:
@@ -137,6 +142,25 @@ def _packed_weight(linear: nn.Linear) -> Tensor | None:
     return packed
 
 
+def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:
+    """Measure every weight's kernel and pack it now, and run each weight shape that runs on oneDNN
+    (prepacked, or any bf16 GEMM) once at every row bucket up to max_rows, so oneDNN builds at start-up every kernel a forward of at most
+    max_rows rows asks for, instead of over hours of traffic. Returns the number of calls run."""
+    calls, seen = 0, set()
+    with torch.inference_mode():
+        for linear in linears:
+            w = linear.weight
+            if w.device.type != "cpu" or (tuple(w.shape), w.dtype) in seen:
+                continue
+            if _packed_weight(linear) is None and w.dtype == torch.float32:  # MKL: no kernel per shape
+                continue
+            seen.add((tuple(w.shape), w.dtype))
+            for rows in sorted({row_bucket(n) for n in range(1, max_rows + 1)}):
+                linear(torch.zeros(rows, w.shape[1], dtype=w.dtype))
+                calls += 1
+    return calls
+
+
 def _traced() -> bool:
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
             or torch.compiler.is_exporting())
@@ -149,9 +173,11 @@ class Linear(nn.Linear):
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype or _traced():
             return F.linear(x, self.weight, self.bias)
         packed = _packed_weight(self)
-        if packed is None:
+        if packed is not None:
+            return _onednn(x, packed, self.bias)
+        if x.dtype == torch.float32:  # MKL
             return F.linear(x, self.weight, self.bias)
-        return _onednn(x, packed, self.bias)
+        return _bucketed(lambda t: F.linear(t, self.weight, self.bias), x)  # aten runs bf16 on oneDNN too
 
 
 def fuse_linears(linears: list[nn.Linear]) -> Linear:

@@ -61,9 +61,9 @@ class ExitHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.fc = nn.Linear(cfg.d_model, cfg.exit_hidden)
+        self.fc = Linear(cfg.d_model, cfg.exit_hidden)
         self.step_bias = nn.Embedding(max(cfg.max_depth, 1), cfg.exit_hidden) if cfg.exit_step_bias else None
-        self.out = nn.Linear(cfg.exit_hidden, 1)
+        self.out = Linear(cfg.exit_hidden, 1)
 
     def forward(self, x: Tensor, s: int) -> Tensor:
         hidden = self.fc(self.norm(x))
@@ -78,8 +78,8 @@ class ExitAdapter(nn.Module):
 
     def __init__(self, d_model: int, rank: int) -> None:
         super().__init__()
-        self.down = nn.Linear(d_model, rank, bias=False)
-        self.up = nn.Linear(rank, d_model)
+        self.down = Linear(d_model, rank, bias=False)
+        self.up = Linear(rank, d_model)
 
     def forward(self, h: Tensor) -> Tensor:
         return h + self.up(self.down(h))
@@ -99,7 +99,7 @@ class PonderModel(nn.Module):
             self.head.weight = self.embed.weight
         self.step_emb = nn.Parameter(torch.zeros(max(cfg.max_depth, 1), cfg.d_model)) if cfg.step_embedding else None
         self.block_emb = nn.Parameter(torch.zeros(cfg.n_pool, cfg.d_model)) if cfg.block_embedding else None
-        self.router = nn.Linear(cfg.d_model, cfg.n_pool) if cfg.schedule == "routed" else None
+        self.router = Linear(cfg.d_model, cfg.n_pool) if cfg.schedule == "routed" else None
         self.router_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.schedule == "routed" else None
         self.exit_head = ExitHead(cfg)
         self.exit_adapters = (nn.ModuleList(ExitAdapter(cfg.d_model, cfg.exit_adapter_rank) for _ in range(cfg.max_depth))

@@ -38,6 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat-template", help="a Jinja chat template (or a file holding one) over `messages`, "
                                           "for checkpoints whose tokenizer has none")
     s.add_argument("--threads", type=int, help="torch threads of the engine core (default: torch's choice)")
+    s.add_argument("--no-warm-up", action="store_true",
+                   help="skip building every kernel shape at start-up (faster start; memory then grows with traffic)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=run_serve)
 
@@ -57,7 +59,7 @@ def build_server(args: argparse.Namespace):
     engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, default_compute_budget=args.default_compute_budget,
-        kv_cache_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_gib=args.kv_cache_gib, num_kv_blocks=args.num_kv_blocks, warm_up=not args.no_warm_up,
     )
     load_config(args.model)  # a missing or broken checkpoint fails here, before a process starts
     client = MPCoreClient(args.model, args.device, args.dtype, engine_config, num_threads=args.threads)

@@ -8,6 +8,8 @@ runs it in-process.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from runtime.checkpoint import Checkpoint
@@ -19,6 +21,8 @@ from runtime.engine.request import Request
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
 from runtime.engine.structured_output import StructuredOutputManager
 from runtime.engine.validation import CoreInfo, ValidRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class EngineConfig:
     backend: str = "torch"  # torch | onnx (onnxruntime sessions over the graphs in onnx_dir)
     onnx_dir: str | None = None  # written by `ponder export --format onnx` from the same checkpoint
     fuse_linears: bool = True  # torch backend: q/k/v and gate/up each as one GEMM
+    warm_up: bool = True  # torch backend on CPU: build every kernel shape at start-up (Executor.warm_up)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.default_compute_budget <= 1.0:
@@ -74,6 +79,11 @@ class EngineCore:
             self.executor = OrtExecutor(cfg, self.config.onnx_dir, self.cache)
         else:
             self.executor = Executor(checkpoint.model.eval(), self.cache, self.config.fuse_linears)
+            if self.config.warm_up:
+                t0 = time.perf_counter()
+                calls = self.executor.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len)
+                log.info("warm-up: %d linear and %d attention kernel shapes in %.1f s", calls["linear_calls"],
+                         calls["attention_calls"], time.perf_counter() - t0)
         thinks = cfg.default_thought_tokens is not None  # trained to open its own thoughts
         self.executor.structured = StructuredOutputManager(checkpoint.tokenizer, cfg.vocab_size, cfg.eos_id,
                                                            cfg.think_start_id if thinks else None)

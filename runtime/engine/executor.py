@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.attention import attend
+from runtime.attention import attend, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
 from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
 from runtime.engine.structured_output import StructuredOutputManager
-from runtime.layers import Block, rope_tables
+from runtime.layers import Block, Linear, rope_tables, warm_up_linears
 from runtime.model import PonderModel
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,28 @@ class Executor:
         self.block_steps = [0] * self.cfg.n_pool  # block applications per pool block
         self._generators: dict[str, torch.Generator] = {}  # per request, so seeded sampling is batch-invariant
         self.structured: StructuredOutputManager | None = None  # grammar matchers per request; EngineCore sets it
+
+    def warm_up(self, max_rows: int, max_seqs: int, max_len: int) -> dict:
+        """On CPU, measure every kernel choice and build every kernel shape that a step of at most max_rows
+        rows and max_seqs sequences over at most max_len keys can run (runtime/layers.py: warm_up_linears;
+        runtime/attention.py: warm_up_attention), then run one prompt of the largest step, so that memory
+        is claimed before the first request and no request pays a kernel build. Returns the number of
+        kernel calls run. Call it before any request (it resets the executor's counters)."""
+        if self.device.type != "cpu":
+            return {"linear_calls": 0, "attention_calls": 0}
+        blocks = [*self.model.prelude, *self.model.pool, *self.model.coda]
+        fused = [m for b in blocks for m in (b.attn.wqkv, b.mlp.w_gate_up) if m is not None]  # not submodules
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)] + fused
+        cfg, dtype = self.cfg, self.model.head.weight.dtype
+        calls = {"linear_calls": warm_up_linears(linears, max_rows),
+                 "attention_calls": warm_up_attention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype, max_seqs,
+                                                      max_len, max_prompt=max_rows)}
+        # One prompt of the largest step, like vLLM's profile run: the heap grows to a step's peak now. Its
+        # entries land in free blocks, which nothing reads before a request writes them.
+        T = min(max_rows, max_len, self.cache.num_blocks * self.cache.block_size)
+        self.run([SeqInput([0] * T, 0, list(range(-(-T // self.cache.block_size))))])
+        self._init_state()
+        return calls
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step: the forward over every scheduled chunk, then sampling and prompt scores.
