@@ -3,10 +3,13 @@
     python -m benchmarks.overload [--max-num-seqs 8] [--max-waiting 8] [--loads 1,2,3,4] [--seconds 20]
 
 Capacity is `--max-num-seqs` concurrent requests. At each load, that many times capacity clients
-each send a streamed request, and the next as soon as one ends (after a 429, after 50 ms). It
-prints, per load: admitted requests/s and output tokens/s, the 429 rate and how fast a 429 comes
-back, and TTFT and ITL p99 of the admitted requests, as ratios to their values at 1x; and the
-peak RSS of both server processes. Writes JSON and a PNG (results/overload.json by default).
+each send a streamed request, and the next as soon as one ends; after a 429 a client pauses
+`--pause-after-429` seconds (0.05 by default: a retry storm), or `retry-after`: as long as the
+response's Retry-After header says, as OpenAI's Python client does. It prints, per load: admitted
+requests/s and output tokens/s, the 429 rate and how fast a 429 comes back, and TTFT and ITL p99
+of the admitted requests, as ratios to their values at 1x; the peak RSS of both server processes;
+and the CPU cores that the HTTP server, the engine core and this load generator used (all three
+share this machine's cores). Writes JSON and a PNG (results/overload.json by default).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -34,14 +38,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0, help="per load")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pause-after-429", default="0.05",
+                   help="seconds a client waits after a 429 before its next request, or retry-after (the header's)")
     p.add_argument("--out", default="results/overload.json")
     args = p.parse_args(argv)
     if args.max_num_seqs < 1 or args.max_waiting < 0 or not 0 < args.seconds <= 600 or any(x <= 0 for x in args.loads):
         p.error("--max-num-seqs must be >= 1, --max-waiting >= 0, --seconds in (0, 600], --loads > 0")
+    if args.pause_after_429 != "retry-after":
+        try:
+            args.pause_after_429 = float(args.pause_after_429)
+        except ValueError:
+            p.error("--pause-after-429 must be a number of seconds or retry-after")
+        if not 0 <= args.pause_after_429 <= 60:
+            p.error("--pause-after-429 must be in [0, 60] seconds")
     return args
 
 
-async def client(session: aiohttp.ClientSession, base: str, max_tokens: int, until: float, log: list[dict]) -> None:
+def pause_after(r: aiohttp.ClientResponse, pause: float | str) -> float:
+    """Seconds to wait after refusal r: a fixed pause, or its Retry-After header (seconds, at most 60)."""
+    if pause != "retry-after":
+        return pause
+    try:
+        return min(60.0, max(0.0, float(r.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (/proc/PID/stat)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def client(session: aiohttp.ClientSession, base: str, max_tokens: int, until: float, log: list[dict],
+                 pause: float | str) -> None:
     body = {"prompt": "Anne Elliot walked along the Cobb at Lyme", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True, "temperature": 0.0}
     while time.monotonic() < until:
@@ -50,7 +80,7 @@ async def client(session: aiohttp.ClientSession, base: str, max_tokens: int, unt
             if r.status != 200:
                 await r.read()
                 log.append({"status": r.status, "latency_s": time.monotonic() - sent})
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(pause_after(r, pause))
                 continue
             stamps = []
             async for line in r.content:
@@ -63,15 +93,19 @@ async def client(session: aiohttp.ClientSession, base: str, max_tokens: int, unt
 async def one_load(base: str, num_clients: int, args: argparse.Namespace, pids: list[int]) -> dict:
     log: list[dict] = []
     peak_rss = 0.0
+    cpu0 = [cpu_seconds(p) for p in pids] + [time.process_time()]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         start = time.monotonic()
         until = start + args.seconds
-        tasks = [asyncio.create_task(client(session, base, args.max_tokens, until, log)) for _ in range(num_clients)]
+        tasks = [asyncio.create_task(client(session, base, args.max_tokens, until, log, args.pause_after_429))
+                 for _ in range(num_clients)]
         while not all(t.done() for t in tasks):
             peak_rss = max(peak_rss, sum(proc_stats(p)[0] or 0.0 for p in pids))
             await asyncio.sleep(0.5)
         await asyncio.gather(*tasks)
         wall = time.monotonic() - start
+    cpu1 = [cpu_seconds(p) for p in pids] + [time.process_time()]
+    cores = {name: (b - a) / wall for name, a, b in zip(("server", "core", "load_generator"), cpu0, cpu1)}
     ok = [x for x in log if x["status"] == 200]
     refused = [x for x in log if x["status"] == 429]
     ttft = [x["ttft_s"] for x in ok if x["ttft_s"] is not None]
@@ -84,7 +118,7 @@ async def one_load(base: str, num_clients: int, args: argparse.Namespace, pids: 
             "latency_429_ms_p99": percentile([x["latency_s"] * 1e3 for x in refused], 0.99) if refused else None,
             "ttft_ms_p99": percentile([t * 1e3 for t in ttft], 0.99) if ttft else None,
             "itl_ms_p99": percentile([t * 1e3 for t in itl], 0.99) if itl else None,
-            "peak_rss_mb": peak_rss / 2**20}
+            "peak_rss_mb": peak_rss / 2**20, "cpu_cores_used": cores}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,16 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capacity {args.max_num_seqs} running + {args.max_waiting} waiting, {args.seconds:g} s per load, "
           f"max_tokens {args.max_tokens}")
     print(f"{'load':>5} {'clients':>7} {'adm/s':>7} {'tok/s':>7} {'429 %':>6} {'429 p99 ms':>10} "
-          f"{'TTFT p99 ms':>11} {'x1x':>5} {'ITL p99 ms':>10} {'x1x':>5} {'RSS MiB':>8} {'errors':>6}")
+          f"{'TTFT p99 ms':>11} {'x1x':>5} {'ITL p99 ms':>10} {'x1x':>5} {'RSS MiB':>8} {'errors':>6} "
+          f"{'cores: server':>13} {'core':>5} {'loadgen':>7}")
     for p in points:
         p["ttft_p99_vs_capacity"] = p["ttft_ms_p99"] / base_point["ttft_ms_p99"] if p["ttft_ms_p99"] else None
         p["itl_p99_vs_capacity"] = p["itl_ms_p99"] / base_point["itl_ms_p99"] if p["itl_ms_p99"] else None
         print(f"{p['load']:>5g} {p['clients']:>7} {p['admitted_per_s']:>7.1f} {p['output_tok_per_s']:>7.0f} "
               f"{100 * p['rate_429']:>6.1f} {p['latency_429_ms_p99'] or 0:>10.1f} {p['ttft_ms_p99'] or 0:>11.0f} "
               f"{p['ttft_p99_vs_capacity'] or 0:>5.2f} {p['itl_ms_p99'] or 0:>10.1f} {p['itl_p99_vs_capacity'] or 0:>5.2f} "
-              f"{p['peak_rss_mb']:>8.0f} {p['other_errors']:>6}")
+              f"{p['peak_rss_mb']:>8.0f} {p['other_errors']:>6} {p['cpu_cores_used']['server']:>13.2f} "
+              f"{p['cpu_cores_used']['core']:>5.2f} {p['cpu_cores_used']['load_generator']:>7.2f}")
     result = {"model": args.model, "max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,
-              "seconds_per_load": args.seconds, "max_tokens": args.max_tokens, "points": points}
+              "seconds_per_load": args.seconds, "max_tokens": args.max_tokens,
+              "pause_after_429": args.pause_after_429, "points": points}
     write_results(args.out, result, lambda path: plot(points, path))
     return 0
 
