@@ -91,11 +91,15 @@ def grouped_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of a chunk from position 0 (M == L) as batched GEMMs: per KV head, its query
+    """Causal attention of R chunks from position 0 (M == L) as batched GEMMs: per KV head, its query
     heads' rows against its keys, CAUSAL_BLOCK queries at a time over the keys up to the block's
     end. Queries and keys are padded to a multiple of CAUSAL_BLOCK (padded keys sit past every real
-    query, so the causal mask hides them), so every GEMM has one of few shapes."""
+    query, so the causal mask hides them), and R runs as powers of two, so every GEMM has one of
+    few shapes."""
     R, H, M, D = q.shape
+    if R & (R - 1):  # several prompts: as groups of a power of two (bounded shapes, no padded prompts)
+        top = 1 << (R.bit_length() - 1)
+        return torch.cat([grouped_attention(q[:top], k[:top], v[:top]), grouped_attention(q[top:], k[top:], v[top:])])
     Hkv, g = k.shape[1], H // k.shape[1]
     B, pad = CAUSAL_BLOCK, -M % CAUSAL_BLOCK
     q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # fewer elements than the scores
@@ -115,9 +119,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: int, max_len: int,
                       max_prompt: int) -> int:
     """Measure the kernel choices now, and run `grouped` at every shape bucket it can take: decode
-    steps of up to max_seqs sequences over up to max_len keys, and prompts of up to max_prompt
-    tokens (one causal call runs every block a shorter prompt does), so that oneDNN builds their
-    GEMM kernels at start-up. Returns the number of calls run."""
+    steps of up to max_seqs sequences over up to max_len keys, and steps of prompts of up to
+    max_prompt tokens in all (one causal call runs every block a shorter prompt does), so that
+    oneDNN builds their GEMM kernels at start-up. Returns the number of calls run."""
     calls = 0
     with torch.inference_mode():
         R = 1
@@ -132,12 +136,18 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
             if R >= max_seqs:
                 break
             R *= 2
-        longest = min(max_len, max_prompt)
-        for T in sorted({min(longest, LONG_CONTEXT - 1), longest}):  # the longest prompt of each context range
-            q, k = torch.zeros(1, H, T, D, dtype=dtype), torch.zeros(1, T, Hkv, D, dtype=dtype).transpose(1, 2)
-            if _kernel(q, k, causal=True) == "grouped":
-                grouped_attention(q, k, k)
-                calls += 1
+        B, R = CAUSAL_BLOCK, 1
+        while R <= max_seqs:  # R prompts of one length bucket, each longer than the bucket below, fit in a step
+            longest = min(-(-max_len // B) * B, (max_prompt // R + B - 1) // B * B)
+            if longest < B:
+                break
+            for T in sorted({min(longest, LONG_CONTEXT - 1), longest}):  # the longest of each context range
+                q = torch.zeros(R, H, T, D, dtype=dtype)
+                k = torch.zeros(R, T, Hkv, D, dtype=dtype).transpose(1, 2)
+                if _kernel(q, k, causal=True) == "grouped":
+                    grouped_attention(q, k, k)
+                    calls += 1
+            R *= 2
     return calls
 
 

@@ -9,7 +9,8 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
     in the same call, from their exit state. Then each group's rows still in the core attend
     and run the block's MLP: one gather -> block call -> scatter per group, so the cost of a
     step scales with its active rows. A pure decode step attends in one padded call; otherwise
-    each sequence attends over exactly its own context (causal SDPA for a whole prompt);
+    each sequence attends over exactly its own context, in calls batched where that wastes little
+    (whole prompts per length bucket, causal; single rows together; `_attend_per_sequence`);
   - the coda and head run on each row's exit state.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.attention import attend, warm_up_attention
+from runtime.attention import CAUSAL_BLOCK, attend, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -428,26 +429,68 @@ class Executor:
         return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
 
     def _attend_per_sequence(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
-        """Attention outputs (n, H, D) of rows with queries q (n, H, D), one call per sequence over exactly
-        its context: plain causal SDPA (no mask; the kernel skips the masked half) for a whole chunk
-        from position 0, a causal mask for a chunk after cached context or a subset of rows. Padding
-        every sequence to the longest (one call) would cost a 1024-token prefill's attention once per
-        decode row beside it."""
-        bs, out = self.cache.block_size, []
+        """Attention outputs (n, H, D) of rows with queries q (n, H, D), each sequence over exactly its own
+        context. Padding every sequence to the longest (one call) would cost a 1024-token prefill's
+        attention once per decode row beside it, and one call per sequence costs a 16-prompt step 480
+        calls. So the calls are batched where that wastes little:
+          - whole chunks from position 0 (prompts) in one causal call per length bucket
+            (`CAUSAL_BLOCK` multiples): a shorter prompt's padded keys sit past all of its real
+            queries, so the causal mask hides them, and its padded queries are dropped;
+          - single rows (decode rows of a mixed step) in one call, each over the keys up to itself;
+          - any other chunk (after cached context, or a subset of its rows) in its own masked call."""
+        bs = self.cache.block_size
         present, counts = torch.unique_consecutive(batch.seq[rows], return_counts=True)  # rows of a sequence are contiguous
+        pieces: list[Tensor | None] = []
+        prompts: dict[int, list[tuple[int, int, int]]] = {}  # length bucket -> (piece, rows start, rows)
+        singles: list[tuple[int, int]] = []  # (piece, row)
         at = 0
         for i, n in zip(present.tolist(), counts.tolist()):
             ctx = batch.starts[i] + batch.lengths[i]
-            k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
-            k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
-            q_i = q[at : at + n].transpose(0, 1)[None]  # (1, H, n, D)
-            if n == batch.lengths[i] and (batch.starts[i] == 0 or n == 1):  # whole chunk: causal from the top left
-                out.append(attend(q_i, k, v, causal=n > 1))
+            if n == 1:
+                singles.append((len(pieces), at))
+            elif n == batch.lengths[i] and batch.starts[i] == 0:  # a whole prompt: causal from the top left
+                prompts.setdefault(-(-n // CAUSAL_BLOCK), []).append((len(pieces), at, n))
             else:
+                k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
+                k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
                 key_pos = torch.arange(ctx, device=self.device)
-                out.append(attend(q_i, k, v, key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]))
+                mask = key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]
+                pieces.append(attend(q[at : at + n].transpose(0, 1)[None], k, v, mask)[0].transpose(0, 1))
+                at += n
+                continue
+            pieces.append(None)
             at += n
-        return torch.cat(out, dim=2)[0].transpose(0, 1)
+        for group in prompts.values():
+            for piece, out in zip(group, self._attend_prompts(q, rows, slot, batch, group)):
+                pieces[piece[0]] = out
+        if singles:
+            for (piece, _), out in zip(singles, self._attend_singles(q, rows, slot, batch, [r for _, r in singles])):
+                pieces[piece] = out
+        return torch.cat(pieces)
+
+    def _attend_prompts(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch,
+                        group: list[tuple[int, int, int]]) -> list[Tensor]:
+        """Whole prompts (piece, rows start, length) as one causal call padded to the longest; their outputs."""
+        L = max(n for _, _, n in group)
+        seqs = batch.seq[rows[[at for _, at, _ in group]]]
+        k, v = self.cache.gather(slot, batch.tables[seqs, : -(-L // self.cache.block_size)])
+        k, v = k[:, :, :L].to(q.dtype), v[:, :, :L].to(q.dtype)  # past a prompt's length: other positions, unseen
+        q_pad = q.new_zeros(len(group), L, *q.shape[1:])
+        for j, (_, at, n) in enumerate(group):
+            q_pad[j, :n] = q[at : at + n]
+        out = attend(q_pad.transpose(1, 2), k, v, causal=True).transpose(1, 2)  # (R, L, H, D)
+        return [out[j, :n] for j, (_, _, n) in enumerate(group)]
+
+    def _attend_singles(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch, at: list[int]) -> list[Tensor]:
+        """Single rows (at these indices of rows) as one call, each over its context up to its position."""
+        idx = torch.tensor(at, device=self.device)
+        row_ids = rows[idx]
+        tables = batch.tables[batch.seq[row_ids]]
+        k, v = self.cache.gather(slot, tables)
+        key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
+        mask = (key_pos[None, :] <= batch.positions[row_ids][:, None])[:, None]  # (R, 1, L)
+        out = attend(q[idx][:, :, None], k.to(q.dtype), v.to(q.dtype), mask)  # (R, H, 1, D)
+        return list(out.transpose(1, 2).unbind(0))  # (1, H, D) each
 
     # ----- outputs -----
 

@@ -109,6 +109,33 @@ def test_core_step_cost_scales_with_active_rows():
     assert executor.num_batched_calls == 4  # one call per step that still has rows
 
 
+def test_a_mixed_step_attends_in_one_call_per_prompt_bucket_and_one_for_single_rows(monkeypatch):
+    """Five prompts (two length buckets), a chunk after cached context and three decode rows: 4 attention
+    calls per layer, not 9; and every sequence gets the logits it gets alone."""
+    from runtime.engine import executor as executor_module
+
+    torch.manual_seed(4)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=2, max_depth=2, max_seq_len=512)).eval()
+    cache = PagedKVCache(model.cfg, num_blocks=450, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    executor = Executor(model, cache)
+    free = list(range(450))
+    random.Random(0).shuffle(free)
+    tables = [[free.pop() for _ in range(50)] for _ in range(9)]
+    cached = (9, 12, 4, 20)  # context of the chunk (sequence 5) and of the decode rows (6-8)
+    for table, n in zip(tables[5:], cached):
+        executor.run([SeqInput(list(range(1, n + 1)), 0, table)])
+    step = [SeqInput([(3 + j) % 60 for j in range(n)], 0, tables[i]) for i, n in enumerate((5, 30, 130, 17, 200))]
+    step += [SeqInput([7, 8, 9], 9, tables[5])] + [SeqInput([11], n, t) for n, t in zip(cached[1:], tables[6:])]
+    calls = []
+    attend = executor_module.attend
+    monkeypatch.setattr(executor_module, "attend", lambda q, *a, **k: calls.append(q.shape[0]) or attend(q, *a, **k))
+    batched = executor.run(step, all_logits=True)
+    layers = model.cfg.n_prelude + model.cfg.max_depth + model.cfg.n_coda
+    assert len(calls) == 4 * layers and sorted(calls[:4]) == [1, 2, 3, 3]  # prompts 3 + 2, the chunk, 3 rows
+    for seq, out in zip(step, batched):  # alone: the same entries are rewritten in place
+        torch.testing.assert_close(out.logits, executor.run([seq], all_logits=True)[0].logits, rtol=1e-4, atol=1e-4)
+
+
 def test_a_step_no_row_needs_makes_no_block_call():
     torch.manual_seed(3)
     model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval()
