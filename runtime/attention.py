@@ -104,13 +104,13 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     B, pad = CAUSAL_BLOCK, -M % CAUSAL_BLOCK
     q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # fewer elements than the scores
     k, v = _padded(k, R, M + pad), _padded(v, R, M + pad)
-    future = torch.ones(B, B, dtype=torch.bool, device=q.device).triu(1)
+    future = torch.full((B, B), -math.inf, dtype=q.dtype, device=q.device).triu(1)  # added: 2x a masked_fill in bf16
     out = []
     for s in range(0, M + pad, B):
         e = s + B
         scores = torch.matmul(q[:, :, :, s:e].reshape(R, Hkv, g * B, D), k[:, :, :e].transpose(-1, -2))
         scores = scores.view(R, Hkv, g, B, e)
-        scores[..., s:].masked_fill_(future, -math.inf)
+        scores[..., s:] += future
         p = scores.softmax(-1).view(R, Hkv, g * B, e)  # CPU softmax accumulates bf16 in fp32
         out.append(torch.matmul(p, v[:, :, :e]).view(R, Hkv, g, B, D))
     return torch.cat(out, 3)[:, :, :, :M].reshape(R, H, M, D)
