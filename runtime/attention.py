@@ -86,7 +86,8 @@ def grouped_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
     sees = torch.ones(R, L, dtype=torch.bool, device=q.device) if mask is None else mask[:, 0]
     sees = F.pad(sees, (0, pad_l, 0, pad_r))
     sees[R:, 0] = True  # padded sequences see their first (zero) key, so their rows stay finite
-    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~sees[:, None, None], -math.inf)
+    bias = torch.zeros(sees.shape, dtype=q.dtype, device=q.device).masked_fill_(~sees, -math.inf)  # once, not per head
+    scores = torch.matmul(q, k.transpose(-1, -2)).add_(bias[:, None, None])
     return torch.matmul(scores.softmax(-1), v)[:R].reshape(R, H, 1, D)
 
 
