@@ -10,7 +10,7 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     shapes are bucketed: a prompt runs 128 queries at a time, queries and keys padded to multiples
     of 128; a decode step pads its sequences to a power of two and its keys to a multiple of 256,
     masked. Chunks after cached context (any length over any context) never take it. The engine
-core runs every bucket once at start-up (`warm_up_attention`).
+    core runs every bucket once at start-up (`warm_up_attention`).
 On CPU the engine times the candidates once per case (decode; prompt; chunk), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. On CUDA

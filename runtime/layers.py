@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # oneDNN builds (and caches) a primitive per row count, about 0.5-1.5 MB each, for the prepacked
 # weights and also for aten's bf16 GEMMs (aten's fp32 GEMM is MKL's): past 16 rows the rows are
 # padded up to a bucket, so a server sees a few dozen row counts per weight shape, not one per
-# prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic); the engine core builds them all at start-up (`warm_up_linears`).
+# prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic).
+# The engine core builds them all at start-up (`warm_up_linears`).
 
 LINEAR_KERNELS = ("auto", "aten", "onednn")
 PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, and a row's output does not
@@ -144,8 +145,9 @@ def _packed_weight(linear: nn.Linear) -> Tensor | None:
 
 def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:
     """Measure every weight's kernel and pack it now, and run each weight shape that runs on oneDNN
-    (prepacked, or any bf16 GEMM) once at every row bucket up to max_rows, so oneDNN builds at start-up every kernel a forward of at most
-    max_rows rows asks for, instead of over hours of traffic. Returns the number of calls run."""
+    (prepacked, or any bf16 GEMM) once at every row bucket up to max_rows, so that oneDNN builds at
+    start-up every kernel a forward of at most max_rows rows asks for, instead of over hours of
+    traffic. Returns the number of calls run."""
     calls, seen = 0, set()
     with torch.inference_mode():
         for linear in linears:

@@ -17,7 +17,8 @@ from runtime.layers import Linear, onednn_candidate, set_linear_kernel
 from runtime.model import PonderModel
 from training.tasks import symbol_tokenizer
 
-GEMMS = {torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+GEMMS = {torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+         torch.ops.aten.bmm.default}
 
 
 class GemmShapes(TorchDispatchMode):
