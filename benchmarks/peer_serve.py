@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -212,8 +213,9 @@ def serving(kind: str, args: argparse.Namespace, hf_dir: Path, ponder_dir: Path,
     port = free_port()
     cmd, env = server_command(kind, args, hf_dir, ponder_dir, port)
     log_path = log_dir / f"{kind}-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
+    with open(log_path, "wb") as log:  # its own process group: the server and every process it starts
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO,
+                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + args.startup_timeout
@@ -227,12 +229,36 @@ def serving(kind: str, args: argparse.Namespace, hf_dir: Path, ponder_dir: Path,
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
+        stop_group(proc)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(pid))
+    return members
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM a server's process group and wait until none of it is left: an engine core that outlives
+    its API server would spin on the cores the next server is measured on. SIGKILL past the timeout."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not group_members(proc.pid):
+                return
+            time.sleep(0.2)
+    proc.wait()
 
 
 # ----- clients -----
@@ -313,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if f.get("completed", point.num_prompts) != point.num_prompts or f.get("failed"):
                     raise RuntimeError(f"{kind} at {point.key}: {f.get('completed')} of {point.num_prompts} completed: "
                                        f"{f.get('errors')} (server logs in {work})")
+            stopping = time.perf_counter()
         figures["_startup_s"] = {"seconds": startup}
+        figures["_stop_s"] = {"seconds": time.perf_counter() - stopping}  # until its whole process group is gone
         return figures
 
     wall = time.perf_counter()
@@ -348,7 +376,8 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, dict]]) -> dict:
             "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
             "vllm_args": args.vllm_arg, "ponder_args": args.ponder_arg, "points": points,
             "startup_s": {k: [r[k]["_startup_s"]["seconds"] for r in rounds] for k in args.servers},
-            "rounds": [{"order": list(r), **{k: {p: v for p, v in r[k].items() if p != "_startup_s"} for k in r}}
+            "stop_s": {k: [r[k]["_stop_s"]["seconds"] for r in rounds] for k in args.servers},
+            "rounds": [{"order": list(r), **{k: {p: v for p, v in r[k].items() if not p.startswith("_")} for k in r}}
                        for r in rounds]}
 
 
@@ -367,6 +396,8 @@ def print_table(result: dict) -> None:
         if both:
             line += f" {row['ratio_output_throughput']:>11.2f} {row['ratio_mean_ttft']:>9.2f}"
         print(line)
+    print("seconds to stop each server's whole process group, per round: "
+          + ", ".join(f"{k} {[round(t, 1) for t in result['stop_s'][k]]}" for k in kinds))
     if both:
         worst = min(result["points"], key=lambda r: r["ratio_output_throughput"])
         print(f"goal Ponder/vLLM >= 1.0 everywhere: lowest {worst['ratio_output_throughput']:.2f} at {worst['key']}")

@@ -69,6 +69,7 @@ def test_ponder_half_runs_and_writes_figures(tiny_llama, tmp_path):
         assert point["total_output_tokens"] == 4 * n  # ignore_eos: every request ran to max_tokens
         assert point["output_throughput"] > 0 and point["mean_ttft_ms"] > 0 and point["mean_itl_ms"] > 0
     assert "ratio_output_throughput" not in saved["points"][0]  # one server: no ratio
+    assert len(saved["stop_s"]["ponder"]) == 1 and saved["stop_s"]["ponder"][0] < 60  # its group gone, not killed
 
 
 @pytest.mark.vllm
@@ -82,3 +83,23 @@ def test_both_servers_under_vllm_bench_serve(tiny_llama, tmp_path):
     (point,) = json.loads(out.read_text())["points"]
     assert point["ponder"]["output_throughput"] > 0 and point["vllm"]["output_throughput"] > 0
     assert len(point["round_ratios"]) == 2 and point["ratio_output_throughput"] > 0
+
+
+def test_a_server_is_stopped_with_every_process_it_started():
+    """A child that ignores SIGTERM (as an engine core busy in a step might) is killed, and nothing of the
+    group is left to run beside the next server."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.peer_serve import group_members, stop_group
+
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(group_members(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(group_members(proc.pid)) == 2
+    stop_group(proc, timeout=1.0)
+    assert proc.returncode is not None and group_members(proc.pid) == []
