@@ -130,7 +130,9 @@ class Executor:
             return {"linear_calls": 0, "attention_calls": 0}
         blocks = [*self.model.prelude, *self.model.pool, *self.model.coda]
         fused = [m for b in blocks for m in (b.attn.wqkv, b.mlp.w_gate_up) if m is not None]  # not submodules
-        linears = [m for m in self.model.modules() if isinstance(m, Linear)] + fused
+        replaced = {id(m) for b in blocks for m in ((b.attn.wq,) if b.attn.wqkv is not None else ())
+                    + ((b.mlp.w_gate, b.mlp.w_up) if b.mlp.w_gate_up is not None else ())}  # never run: not packed
+        linears = [m for m in self.model.modules() if isinstance(m, Linear) and id(m) not in replaced] + fused
         cfg, dtype = self.cfg, self.model.head.weight.dtype
         calls = {"linear_calls": warm_up_linears(linears, max_rows),
                  "attention_calls": warm_up_attention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype, max_seqs,
