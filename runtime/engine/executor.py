@@ -367,7 +367,7 @@ class Executor:
         pos = starts[seq_ids] + torch.arange(len(seq_ids), device=dev) - (torch.cumsum(counts, 0) - counts)[seq_ids]
         offsets = torch.tensor([s.position_offset for s in seqs], device=dev)
         # Cache order is causal order; RoPE keeps token positions. The tables in the activation dtype, once per step.
-        dtype = self.model.embed.weight.dtype
+        dtype = self.cache.k.dtype  # the activation dtype (an ONNX backend has no torch model)
         cos, sin = (t.to(dtype) for t in rope_tables(pos + offsets[seq_ids], self.cfg.head_dim, self.cfg.rope_theta))
         decode = all(len(s.token_ids) == 1 for s in seqs)
         decode_mask = (key_pos[None, :] < ctx_len[:, None])[:, None] if decode else None
