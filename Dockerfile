@@ -13,12 +13,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
     PATH=/opt/venv/bin:$PATH PONDER_HOST=0.0.0.0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# CUDA bases ship no Python; the python base already has it. Packages follow the base's release.
+# CUDA bases ship no Python; the python base already has it. A C compiler builds the paged
+# decode-attention kernel for the host's CPU at first start (under a second; without one the engine
+# keeps its torch kernels). Packages follow the base's release.
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-      && rm -rf /var/lib/apt/lists/*; \
-    fi \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3 python3-venv; fi \
+    && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 10001 ponder
 

@@ -10,11 +10,14 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     shapes are bucketed: a prompt runs 128 queries at a time, queries and keys padded to multiples
     of 128; a decode step pads its sequences to a power of two and its keys to a multiple of 256,
     masked. Chunks after cached context (any length over any context) never take it. The engine
-    core runs every bucket once at start-up (`warm_up_attention`).
+    core runs every bucket once at start-up (`warm_up_attention`);
+  - paged (decode only, fp32 and bf16): a C kernel that reads the paged cache in place, with no
+    gather or padding (runtime/paged_attention.py), where the host can build it.
 On CPU the engine times the candidates once per case (decode; prompt; chunk), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
-(below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. On CUDA
-and MPS SDPA runs.
+(below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. The
+paged kernel is timed on a cache holding the same keys, against the others on keys already
+gathered (so the gather they need is not held against them). On CUDA and MPS SDPA runs.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runtime import paged_attention
 from runtime.layers import best_of
 
 log = logging.getLogger(__name__)
 
-ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped")
+ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged")
 CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket queries and keys are padded to
 DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
 LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
@@ -41,7 +45,7 @@ _choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kerne
 
 def set_attention_kernel(mode: str) -> None:
     """`auto` (measure, the default; env PONDER_CPU_ATTENTION), or force a kernel on CPU (`grouped`
-    applies to causal prompts and decode steps; chunks after cached context then run `sdpa`)."""
+    applies to causal prompts and decode steps, `paged` to decode steps; other cases then run `sdpa`)."""
     global _mode
     if mode not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {mode!r} must be one of {', '.join(ATTENTION_KERNELS)}")
@@ -56,9 +60,16 @@ def attention_kernel_choices() -> list[dict]:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """q (R, H, M, D) over k, v (R, Hkv, L, D). mask (R, M, L), True where a query sees a key; or
-    causal: M == L, the chunk runs from position 0. Returns (R, H, M, D)."""
-    return _run(_kernel(q, k, causal), q, k, v, mask, causal)
+    """q (R, H, M, D) over k, v (R, Hkv, L, D). mask (R, M, L), True where a query sees a key (for one
+    query row per sequence, M == 1, the keys it sees are a prefix); or causal: M == L, the chunk runs
+    from position 0. Returns (R, H, M, D)."""
+    return _run(_kernel(q, k.shape[1], k.shape[2], causal), q, k, v, mask, causal)
+
+
+def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
+    """Whether decode rows q (R, H, D) over up to num_keys keys run `paged_attention.paged_decode` on
+    the cache in place (the kernel chosen for them is `paged`), rather than `attend` on gathered keys."""
+    return _kernel(q[:, :, None], num_kv_heads, num_keys, causal=False) == "paged"
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -131,7 +142,7 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
                 q = torch.zeros(R, H, 1, D, dtype=dtype)
                 k = torch.zeros(R, L, Hkv, D, dtype=dtype).transpose(1, 2)  # as the paged cache gathers
                 shortest = k[:, :, : L - DECODE_KEYS + 1]  # the contexts this bucket pads may fall in another range
-                if "grouped" in (_kernel(q, shortest, causal=False), _kernel(q, k, causal=False)):
+                if "grouped" in (_kernel(q, Hkv, shortest.shape[2], causal=False), _kernel(q, Hkv, L, causal=False)):
                     grouped_decode(q, k, k, None)
                     calls += 1
             if R >= max_seqs:
@@ -145,23 +156,27 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
             for T in sorted({min(longest, LONG_CONTEXT - 1), longest}):  # the longest of each context range
                 q = torch.zeros(R, H, T, D, dtype=dtype)
                 k = torch.zeros(R, T, Hkv, D, dtype=dtype).transpose(1, 2)
-                if _kernel(q, k, causal=True) == "grouped":
+                if _kernel(q, Hkv, T, causal=True) == "grouped":
                     grouped_attention(q, k, k)
                     calls += 1
             R *= 2
     return calls
 
 
-def _kernel(q: Tensor, k: Tensor, causal: bool) -> str:
+def _kernel(q: Tensor, num_kv_heads: int, num_keys: int, causal: bool) -> str:
+    """The kernel for queries q (R, H, M, D) over num_keys keys of num_kv_heads heads."""
     if q.device.type != "cpu":
         return "sdpa"
     case = "prompt" if causal else "decode" if q.shape[2] == 1 else "chunk"
     if _mode != "auto":
-        return "sdpa" if _mode == "grouped" and case == "chunk" else _mode
-    key = (case, q.dtype, q.shape[1], k.shape[1], q.shape[3], torch.get_num_threads())
+        takes = {"grouped": ("prompt", "decode"), "paged": ("decode",)}.get(_mode, (case,))
+        if _mode == "paged" and not paged_attention.available(q.dtype, q.device):
+            raise RuntimeError("the paged attention kernel is not built here (see the log), or not for this dtype")
+        return _mode if case in takes else "sdpa"
+    key = (case, q.dtype, q.shape[1], num_kv_heads, q.shape[3], torch.get_num_threads())
     if key not in _choices:
         _choices[key] = _choose(*key)
-    return _choices[key]["kernels"][k.shape[2] >= LONG_CONTEXT]
+    return _choices[key]["kernels"][num_keys >= LONG_CONTEXT]
 
 
 def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tuple]:
@@ -183,12 +198,20 @@ def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tupl
 
 
 def _candidates(case: str, dtype: torch.dtype) -> list[str]:
-    """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, and SDPA
-    on fp32 copies where the input is not fp32 already."""
-    return (["grouped"] if case != "chunk" else []) + (["sdpa_fp32"] if dtype != torch.float32 else [])
+    """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, SDPA on
+    fp32 copies where the input is not fp32 already, and the paged kernel for decode where it is built."""
+    paged = case == "decode" and paged_attention.available(dtype, torch.device("cpu"))
+    return (["grouped"] if case != "chunk" else []) + (["sdpa_fp32"] if dtype != torch.float32 else []) + \
+        (["paged"] if paged else [])
 
 
 def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    if kernel == "paged":  # decode rows over gathered keys, as a cache of 1-position blocks (a copy unless
+        R, Hkv, L, D = k.shape  # k is a view of (R, L, Hkv, D), as the cache gathers); the mask is a prefix
+        cache_k, cache_v = (t.transpose(1, 2).reshape(R * L, Hkv, D) for t in (k, v))
+        ctx = torch.full((R,), L) if mask is None else mask[:, 0].sum(-1)
+        out = paged_attention.paged_decode(q[:, :, 0], cache_k, cache_v, torch.arange(R * L).view(R, L), ctx, 1)
+        return out[:, :, None]
     if kernel == "grouped":
         return grouped_attention(q, k, v) if causal else grouped_decode(q, k, v, mask)
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.attention import CAUSAL_BLOCK, attend, warm_up_attention
+from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -31,6 +31,7 @@ from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
 from runtime.engine.structured_output import StructuredOutputManager
 from runtime.layers import Block, Linear, rope_tables, warm_up_linears
 from runtime.model import PonderModel
+from runtime.paged_attention import paged_decode
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +414,9 @@ class Executor:
         padded call (row i is sequence i); otherwise each sequence attends over its own context
         (`_attend_per_sequence`), or, for a backend without that, all rows in one padded call."""
         N = batch.num_rows
+        if batch.one_row_per_seq and self._in_place(q, batch.tables.shape[1] * self.cache.block_size):
+            tables, ctx_len = self._take(batch.tables, rows, N), self._take(batch.ctx_len, rows, N)
+            return self._block_rows(layer, x, paged_decode(q, *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size))
         if batch.one_row_per_seq:  # decode: every row is its own sequence
             padding = Padding(None, None, len(rows), 1)
             tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
@@ -431,6 +435,10 @@ class Executor:
         k, v = self.cache.gather(slot, tables)
         cos, sin = self._take(batch.cos, rows, N), self._take(batch.sin, rows, N)
         return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
+
+    def _in_place(self, q: Tensor | None, num_keys: int) -> bool:
+        """Whether decode rows with queries q attend on the cache in place (`paged_decode`)."""
+        return q is not None and q.dtype == self.cache.k.dtype and decode_in_place(q, self.cfg.n_kv_heads, num_keys)
 
     def _attend_per_sequence(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch) -> Tensor:
         """Attention outputs (n, H, D) of rows with queries q (n, H, D), each sequence over exactly its own
@@ -490,6 +498,9 @@ class Executor:
         idx = torch.tensor(at, device=self.device)
         row_ids = rows[idx]
         tables = batch.tables[batch.seq[row_ids]]
+        if self._in_place(q, tables.shape[1] * self.cache.block_size):
+            out = paged_decode(q[idx], *self.cache.in_place(slot), tables, batch.positions[row_ids] + 1, self.cache.block_size)
+            return list(out[:, None].unbind(0))  # (1, H, D) each
         k, v = self.cache.gather(slot, tables)
         key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
         mask = (key_pos[None, :] <= batch.positions[row_ids][:, None])[:, None]  # (R, 1, L)

@@ -51,6 +51,10 @@ class PagedKVCache:
             self.k[:, dst_t] = self.k[:, src_t]
             self.v[:, dst_t] = self.v[:, src_t]
 
+    def in_place(self, slot: int) -> tuple[Tensor, Tensor]:
+        """One slot's k, v as they are stored: (positions, Hkv, D), contiguous (for `paged_decode`)."""
+        return self.k[slot], self.v[slot]
+
     def gather(self, slot: int, tables: Tensor) -> tuple[Tensor, Tensor]:
         """tables: (R, W) block ids -> k, v: (R, Hkv, W * block_size, D), the blocks' positions in order.
         A block's positions are contiguous, so this copies whole blocks (one index per block)."""

@@ -40,7 +40,7 @@ def test_grouped_gemms_match_sdpa_on_causal_prompts(dtype, tol, H, Hkv):
                                    atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "sdpa_fp32", "grouped"])
+@pytest.mark.parametrize("kernel", ["sdpa", "sdpa_fp32", "grouped", "paged"])
 def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     set_attention_kernel(kernel)
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def test_auto_measures_each_case_once_and_keeps_a_kernel_only_if_it_beats_sdpa(d
 
 
 def test_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match="must be one of auto, sdpa, sdpa_fp32, grouped"):
+    with pytest.raises(ValueError, match="must be one of auto, sdpa, sdpa_fp32, grouped, paged"):
         set_attention_kernel("flash")
 
 

@@ -56,7 +56,7 @@ def attention_kernel(request):
     attention.set_attention_kernel(mode)
 
 
-@pytest.mark.parametrize("attention_kernel", ["sdpa", "sdpa_fp32", "grouped"], indirect=True)
+@pytest.mark.parametrize("attention_kernel", ["sdpa", "sdpa_fp32", "grouped", "paged"], indirect=True)
 @pytest.mark.parametrize("kv_fill", ["propagate", "latest", "shared"])
 @pytest.mark.parametrize("preset, overrides", CASES)
 def test_executor_matches_reference_with_explicit_depths(preset, overrides, kv_fill, attention_kernel):

@@ -1,0 +1,181 @@
+/* Decode attention over the paged KV cache, in place: one query row per sequence, each over the
+ * first ctx_len[r] positions of its block table. No gather, no padding, fp32 accumulation.
+ *
+ * Layout (runtime/engine/kv_cache.py): a slot's keys and values are (positions, Hkv, D), where
+ * position p of block b is b * block_size + p. Queries and outputs are (R, H, D); the H query heads
+ * are Hkv groups of g = H / Hkv heads that share one KV head (GQA). A work item is one (sequence,
+ * KV head): it reads that head's keys and values once for its g query heads.
+ *
+ * Built at first use by runtime/paged_attention.py with the host's compiler and -march=native, so
+ * the loops vectorize for the CPU it runs on. OpenMP is the libgomp that torch has loaded already.
+ * Element type: fp32, or bf16 as raw uint16 (every sum in fp32). One always-inlined body is
+ * compiled once per type, with the type as a constant flag.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+#define INLINE static inline __attribute__((always_inline))
+
+typedef union {
+    uint32_t u;
+    float f;
+} bits32;
+
+INLINE float bf16_to_float(uint16_t x) { return (bits32){.u = (uint32_t)x << 16}.f; }
+
+INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u = (bits32){.f = f}.u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+INLINE float load(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+INLINE void store(void *base, int64_t i, float x, int bf16) {
+    if (bf16)
+        ((uint16_t *)base)[i] = float_to_bf16(x);
+    else
+        ((float *)base)[i] = x;
+}
+
+/* exp(x) for x <= 0 (softmax after its max is taken off): 2^i * 2^f, 2^f by a degree-6 polynomial
+ * (relative error ~2e-7). glibc's expf does not vectorize without -ffast-math, which would also
+ * assume no infinities. */
+INLINE float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    float t = x * 1.44269504f, i = __builtin_floorf(t), f = t - i;
+    float p = 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022650e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.f;
+    return p * (bits32){.u = (uint32_t)((int32_t)i + 127) << 23}.f;
+}
+
+/* The cache row of position t of a block table. block_size is a power of two (checked by the caller),
+ * so this is a shift and a mask: a 64-bit division per position cost more than its dot products. */
+INLINE int64_t row_of(const int64_t *table, int64_t t, int64_t block_size, int64_t row_stride) {
+    int64_t shift = __builtin_ctzll((unsigned long long)block_size);
+    return ((table[t >> shift] << shift) + (t & (block_size - 1))) * row_stride;
+}
+
+/* Position t's row (D elements at row) as fp32 in out; and a prefetch of the row `ahead` positions on,
+ * since rows of one head sit row_stride apart and the hardware prefetcher does not follow them. */
+INLINE void load_row(const void *base, int64_t row, int D, float *out, int bf16) {
+#pragma omp simd
+    for (int d = 0; d < D; d++) out[d] = load(base, row + d, bf16);
+}
+
+INLINE void prefetch_row(const void *base, const int64_t *table, int64_t t, int64_t n, int64_t block_size,
+                         int64_t row_stride, int D, int bf16) {
+    if (t >= n) return;
+    const char *p = (const char *)base + row_of(table, t, block_size, row_stride) * (bf16 ? 2 : 4);
+    for (int b = 0; b < D * (bf16 ? 2 : 4); b += 64) __builtin_prefetch(p + b);
+}
+
+#define PREFETCH_AHEAD 8
+
+/* g query rows q (g, D), already scaled, over the n positions of table: acc (g, D) gets their
+ * outputs. k and v point at this KV head's first element; a position's row is row_stride further.
+ * scores holds g * n floats. Each key and value row is converted to fp32 once, for all g rows. */
+INLINE void attend_item(const float *q, const void *k, const void *v, const int64_t *table, int64_t n,
+                        int64_t block_size, int64_t row_stride, int g, int D, float *scores, float *acc,
+                        int bf16) {
+    float row_f[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < n; t++) {
+        prefetch_row(k, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, bf16);
+        load_row(k, row_of(table, t, block_size, row_stride), D, row_f, bf16);
+        for (int j = 0; j < g; j++) {
+            const float *qj = q + j * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int d = 0; d < D; d++) s += qj[d] * row_f[d];
+            scores[j * n + t] = s;
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        float *sj = scores + j * n, top = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 0; t < n; t++) top = sj[t] > top ? sj[t] : top;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) {
+            sj[t] = exp_nonpositive(sj[t] - top);
+            sum += sj[t];
+        }
+        float inv = 1.f / sum;
+        for (int64_t t = 0; t < n; t++) sj[t] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * g * D);
+    for (int64_t t = 0; t < n; t++) {
+        prefetch_row(v, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, bf16);
+        load_row(v, row_of(table, t, block_size, row_stride), D, row_f, bf16);
+        for (int j = 0; j < g; j++) {
+            float p = scores[j * n + t], *aj = acc + j * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) aj[d] += p * row_f[d];
+        }
+    }
+}
+
+static void attend_item_f32(const float *q, const void *k, const void *v, const int64_t *table, int64_t n,
+                            int64_t block_size, int64_t row_stride, int g, int D, float *scores, float *acc) {
+    attend_item(q, k, v, table, n, block_size, row_stride, g, D, scores, acc, 0);
+}
+
+static void attend_item_bf16(const float *q, const void *k, const void *v, const int64_t *table, int64_t n,
+                             int64_t block_size, int64_t row_stride, int g, int D, float *scores, float *acc) {
+    attend_item(q, k, v, table, n, block_size, row_stride, g, D, scores, acc, 1);
+}
+
+/* Returns 0, or -1 when a shape is past the limits above, block_size is not a power of two, or memory ran out (the caller then takes
+ * another kernel). */
+INLINE int paged_decode(const void *q, const void *k, const void *v, const int64_t *tables, int64_t width,
+                        const int64_t *ctx_lens, void *out, int R, int H, int Hkv, int D, int64_t block_size,
+                        float scale, int num_threads, int bf16) {
+    int g = H / Hkv, failed = 0;
+    if (D > MAX_HEAD_DIM || g > MAX_GROUP || g * Hkv != H || block_size <= 0 || (block_size & (block_size - 1)))
+        return -1;
+    int64_t longest = 1;
+    for (int r = 0; r < R; r++) longest = ctx_lens[r] > longest ? ctx_lens[r] : longest;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float qf[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
+        float *scores = malloc(sizeof(float) * g * longest);
+        failed = scores == NULL;
+#pragma omp for schedule(dynamic)
+        for (int item = 0; item < R * Hkv; item++) {
+            if (scores == NULL) continue;
+            int r = item / Hkv, h = item % Hkv;
+            int64_t first = ((int64_t)r * H + (int64_t)h * g) * D; /* of this item's query rows */
+            for (int i = 0; i < g * D; i++) qf[i] = load(q, first + i, bf16) * scale;
+            int64_t head = (int64_t)h * D * (bf16 ? 2 : 4);
+            (bf16 ? attend_item_bf16 : attend_item_f32)(qf, (const char *)k + head, (const char *)v + head,
+                                                        tables + (int64_t)r * width, ctx_lens[r], block_size,
+                                                        (int64_t)Hkv * D, g, D, scores, acc);
+            for (int i = 0; i < g * D; i++) store(out, first + i, acc[i], bf16);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables, int64_t width,
+                     const int64_t *ctx_lens, float *out, int R, int H, int Hkv, int D, int64_t block_size,
+                     float scale, int num_threads) {
+    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, scale, num_threads, 0);
+}
+
+int paged_decode_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *tables, int64_t width,
+                      const int64_t *ctx_lens, uint16_t *out, int R, int H, int Hkv, int D, int64_t block_size,
+                      float scale, int num_threads) {
+    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, scale, num_threads, 1);
+}
