@@ -103,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="each round starts every server once, in rotated order")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="Ponder's torch threads = vLLM's bound cores")
     p.add_argument("--max-num-seqs", type=int, help="both servers (default: the largest concurrency)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="both servers (bfloat16 where the CPU has native bf16: avx512_bf16 or AMX)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="both servers; auto (the default, as `ponder serve`'s): bfloat16 where the CPU has native "
+                        "bf16 (avx512_bf16 or AMX), else float32")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="both servers")
     p.add_argument("--max-model-len", type=int, default=2048, help="both servers")
     p.add_argument("--kv-cache-gib", type=float, default=2.0,
@@ -313,7 +314,13 @@ def loadtests_client(point: Point, base: str, vocab_size: int, seed: int) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    import torch
+
     from runtime.checkpoint import load_config
+    from runtime.devices import native_bf16
+
+    if args.dtype == "auto":  # resolved here: vLLM's own `auto` means the weights' dtype (float32 here)
+        args.dtype = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"
 
     hf_dir, ponder_dir = prepare_weights(args.source, args.cache)
     vocab_size = load_config(ponder_dir).vocab_size
