@@ -52,6 +52,10 @@ def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tens
                          f"ctx_lens {tuple(ctx_lens.shape)} do not fit")
     q = q.contiguous()
     tables, ctx_lens = tables.to(torch.int64).contiguous(), ctx_lens.to(torch.int64).contiguous()
+    if R and (int(ctx_lens.max()) > tables.shape[1] * block_size or int(ctx_lens.min()) < 0
+              or not 0 <= int(tables.min()) <= int(tables.max()) < k.shape[0] // block_size):
+        raise ValueError(f"paged_decode: contexts {ctx_lens.tolist()} or block ids outside tables of width "
+                         f"{tables.shape[1]} over {k.shape[0] // block_size} blocks of {block_size}")
     out = torch.empty_like(q)
     fn = getattr(_library(), f"paged_decode_{_DTYPES[q.dtype]}")
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
@@ -69,8 +73,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as e:
-        log.warning("paged decode attention not built (%s); decode attention runs on torch kernels", e)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+        log.warning("paged decode attention not built (%s); decode attention runs on torch kernels", why)
         return None
     for name in ("paged_decode_f32", "paged_decode_bf16"):
         fn = getattr(lib, name)

@@ -68,8 +68,9 @@ INLINE int64_t row_of(const int64_t *table, int64_t t, int64_t block_size, int64
     return ((table[t >> shift] << shift) + (t & (block_size - 1))) * row_stride;
 }
 
-/* Position t's row (D elements at row) as fp32 in out; and a prefetch of the row `ahead` positions on,
- * since rows of one head sit row_stride apart and the hardware prefetcher does not follow them. */
+/* A row of D elements as fp32 in out. And a prefetch of position t's row (the caller asks for one
+ * PREFETCH_AHEAD positions on): rows of one head sit row_stride apart, and the hardware prefetcher
+ * does not follow them (without it, past ~4 MB of context each row read was a cache miss). */
 INLINE void load_row(const void *base, int64_t row, int D, float *out, int bf16) {
 #pragma omp simd
     for (int d = 0; d < D; d++) out[d] = load(base, row + d, bf16);
@@ -136,8 +137,8 @@ static void attend_item_bf16(const float *q, const void *k, const void *v, const
     attend_item(q, k, v, table, n, block_size, row_stride, g, D, scores, acc, 1);
 }
 
-/* Returns 0, or -1 when a shape is past the limits above, block_size is not a power of two, or memory ran out (the caller then takes
- * another kernel). */
+/* Returns 0, or -1 when a shape is past the limits above, block_size is not a power of two, or memory
+ * ran out. The caller checks that every table entry and context length lies inside the cache. */
 INLINE int paged_decode(const void *q, const void *k, const void *v, const int64_t *tables, int64_t width,
                         const int64_t *ctx_lens, void *out, int R, int H, int Hkv, int D, int64_t block_size,
                         float scale, int num_threads, int bf16) {

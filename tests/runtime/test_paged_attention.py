@@ -66,6 +66,10 @@ def test_refuses_what_it_cannot_run():
         paged_decode(torch.randn(1, 4, 8, dtype=torch.bfloat16), k, v, tables, ctx, 4)
     with pytest.raises(ValueError, match="do not fit"):
         paged_decode(torch.randn(1, 3, 8), k, v, tables, ctx, 4)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match="outside tables"):
+        paged_decode(torch.randn(1, 4, 8), k, v, tables, torch.tensor([5]), 4)  # past its table's one block
+    with pytest.raises(ValueError, match="outside tables"):
+        paged_decode(torch.randn(1, 4, 8), k, v, torch.tensor([[4]]), ctx, 4)  # block 4 of a 4-block cache
     with pytest.raises(RuntimeError, match="paged_decode failed"):
         paged_decode(torch.randn(1, 4, 8), k, v, tables, ctx, 3)  # block size not a power of two
     with pytest.raises(RuntimeError, match="paged_decode failed"):
