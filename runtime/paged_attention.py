@@ -52,14 +52,14 @@ def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tens
                          f"ctx_lens {tuple(ctx_lens.shape)} do not fit")
     q = q.contiguous()
     tables, ctx_lens = tables.to(torch.int64).contiguous(), ctx_lens.to(torch.int64).contiguous()
-    if R and (int(ctx_lens.max()) > tables.shape[1] * block_size or int(ctx_lens.min()) < 0
-              or not 0 <= int(tables.min()) <= int(tables.max()) < k.shape[0] // block_size):
-        raise ValueError(f"paged_decode: contexts {ctx_lens.tolist()} or block ids outside tables of width "
-                         f"{tables.shape[1]} over {k.shape[0] // block_size} blocks of {block_size}")
     out = torch.empty_like(q)
     fn = getattr(_library(), f"paged_decode_{_DTYPES[q.dtype]}")
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
-                out.data_ptr(), R, H, Hkv, D, block_size, 1 / math.sqrt(D), torch.get_num_threads())
+                out.data_ptr(), R, H, Hkv, D, block_size, k.shape[0] // block_size, 1 / math.sqrt(D),
+                torch.get_num_threads())
+    if status == -2:  # checked in C: no tensor ops per layer call
+        raise ValueError(f"paged_decode: contexts {ctx_lens.tolist()} or block ids outside tables of width "
+                         f"{tables.shape[1]} over {k.shape[0] // block_size} blocks of {block_size}")
     if status != 0:
         raise RuntimeError(f"paged_decode failed on {H}/{Hkv} heads of {D} (limits: head dim 256, 16 query heads "
                            "per KV head) or ran out of memory")
@@ -81,7 +81,7 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
-            [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+            [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
 
 

@@ -137,14 +137,26 @@ static void attend_item_bf16(const float *q, const void *k, const void *v, const
     attend_item(q, k, v, table, n, block_size, row_stride, g, D, scores, acc, 1);
 }
 
-/* Returns 0, or -1 when a shape is past the limits above, block_size is not a power of two, or memory
- * ran out. The caller checks that every table entry and context length lies inside the cache. */
+/* Whether every context fits its table and every block it reads is one of the cache's num_blocks. */
+static int inside_cache(const int64_t *tables, int64_t width, const int64_t *ctx_lens, int R, int64_t block_size,
+                        int64_t num_blocks) {
+    for (int r = 0; r < R; r++) {
+        if (ctx_lens[r] < 0 || ctx_lens[r] > width * block_size) return 0;
+        for (int64_t b = 0; b * block_size < ctx_lens[r]; b++)
+            if (tables[r * width + b] < 0 || tables[r * width + b] >= num_blocks) return 0;
+    }
+    return 1;
+}
+
+/* Returns 0; -1 when a shape is past the limits above, block_size is not a power of two, or memory ran
+ * out; -2 when a context or a block id lies outside the tables or the cache (nothing is read then). */
 INLINE int paged_decode(const void *q, const void *k, const void *v, const int64_t *tables, int64_t width,
                         const int64_t *ctx_lens, void *out, int R, int H, int Hkv, int D, int64_t block_size,
-                        float scale, int num_threads, int bf16) {
+                        int64_t num_blocks, float scale, int num_threads, int bf16) {
     int g = H / Hkv, failed = 0;
     if (D > MAX_HEAD_DIM || g > MAX_GROUP || g * Hkv != H || block_size <= 0 || (block_size & (block_size - 1)))
         return -1;
+    if (!inside_cache(tables, width, ctx_lens, R, block_size, num_blocks)) return -2;
     int64_t longest = 1;
     for (int r = 0; r < R; r++) longest = ctx_lens[r] > longest ? ctx_lens[r] : longest;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
@@ -171,12 +183,14 @@ INLINE int paged_decode(const void *q, const void *k, const void *v, const int64
 
 int paged_decode_f32(const float *q, const float *k, const float *v, const int64_t *tables, int64_t width,
                      const int64_t *ctx_lens, float *out, int R, int H, int Hkv, int D, int64_t block_size,
-                     float scale, int num_threads) {
-    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, scale, num_threads, 0);
+                     int64_t num_blocks, float scale, int num_threads) {
+    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, num_blocks, scale,
+                        num_threads, 0);
 }
 
 int paged_decode_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *tables, int64_t width,
                       const int64_t *ctx_lens, uint16_t *out, int R, int H, int Hkv, int D, int64_t block_size,
-                      float scale, int num_threads) {
-    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, scale, num_threads, 1);
+                      int64_t num_blocks, float scale, int num_threads) {
+    return paged_decode(q, k, v, tables, width, ctx_lens, out, R, H, Hkv, D, block_size, num_blocks, scale,
+                        num_threads, 1);
 }
