@@ -416,7 +416,8 @@ class Executor:
         N = batch.num_rows
         if batch.one_row_per_seq and self._in_place(q, batch.tables.shape[1] * self.cache.block_size):
             tables, ctx_len = self._take(batch.tables, rows, N), self._take(batch.ctx_len, rows, N)
-            return self._block_rows(layer, x, paged_decode(q, *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size))
+            out = paged_decode(q, *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size)
+            return self._block_rows(layer, x, out)
         if batch.one_row_per_seq:  # decode: every row is its own sequence
             padding = Padding(None, None, len(rows), 1)
             tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
@@ -499,7 +500,8 @@ class Executor:
         row_ids = rows[idx]
         tables = batch.tables[batch.seq[row_ids]]
         if self._in_place(q, tables.shape[1] * self.cache.block_size):
-            out = paged_decode(q[idx], *self.cache.in_place(slot), tables, batch.positions[row_ids] + 1, self.cache.block_size)
+            ctx_len = batch.positions[row_ids] + 1  # each over the keys up to itself
+            out = paged_decode(q[idx], *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size)
             return list(out[:, None].unbind(0))  # (1, H, D) each
         k, v = self.cache.gather(slot, tables)
         key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
