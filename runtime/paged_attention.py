@@ -3,7 +3,7 @@
 The torch path gathers each decode row's whole context from the cache at every layer, pads it, and
 runs batched GEMMs whose overhead dominates at one query row per sequence (bf16 oneDNN matmul of 3
 query heads over 1024 keys: ~50 us a call). vLLM's CPU backend reads the cache in place with one
-C++ op per layer; this is the same idea in ~200 lines of C.
+C++ op per layer; this is the same idea in ~300 lines of C.
 
 The kernel is compiled at first use with the host's C compiler (`cc`, or $CC) and -march=native,
 so it vectorizes for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default

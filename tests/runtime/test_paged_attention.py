@@ -3,6 +3,7 @@ context, read in place through shuffled block tables; it refuses what it cannot 
 compiler the engine keeps the torch kernels."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runtime import paged_attention
 from runtime.paged_attention import available, paged_decode
 
 needs_kernel = pytest.mark.skipif(not available(torch.float32, torch.device("cpu")),
@@ -32,7 +34,7 @@ def reference(q, k, v, tables, ctx_lens, block_size):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (4, 4, 16), (8, 1, 8)])
+@pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (4, 2, 128), (4, 4, 32), (4, 4, 16), (8, 1, 8)])
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_matches_sdpa_over_each_rows_context_in_place(dtype, tol, H, Hkv, D, block_size):
     torch.manual_seed(0)
@@ -44,6 +46,27 @@ def test_matches_sdpa_over_each_rows_context_in_place(dtype, tol, H, Hkv, D, blo
     out = paged_decode(q, k, v, tables, ctx_lens, block_size)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, tables, ctx_lens, block_size), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 compiler flags")
+def test_portable_build_matches_sdpa_too(monkeypatch, tmp_path):
+    """Built without AVX-512 BF16 (as on an AVX2-only CPU), the portable loops serve the head dims that
+    take intrinsics elsewhere (64 and 128), with the same results."""
+    monkeypatch.setenv("PONDER_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(paged_attention, "CFLAGS", (*paged_attention.CFLAGS, "-mno-avx512bf16"))
+    paged_attention._library.cache_clear()
+    try:
+        for H, Hkv, D in [(9, 3, 64), (4, 2, 128)]:
+            torch.manual_seed(2)
+            k, v = paged_cache(16, 16, Hkv, D, torch.bfloat16)
+            tables, ctx_lens = torch.randperm(16)[:12].view(3, 4), torch.tensor([7, 33, 64])
+            q = torch.randn(3, H, D, dtype=torch.bfloat16)
+            torch.testing.assert_close(paged_decode(q, k, v, tables, ctx_lens, 16).double(),
+                                       reference(q, k, v, tables, ctx_lens, 16), atol=2e-2, rtol=2e-2)
+    finally:
+        paged_attention._library.cache_clear()  # the next test loads the native build again
+    assert len(list(tmp_path.glob("paged_attention-*.so"))) == 1
 
 
 @needs_kernel
