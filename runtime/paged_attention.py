@@ -1,11 +1,15 @@
-"""Decode attention that reads the paged KV cache in place: a small C kernel (csrc/paged_attention.c).
+"""Native kernels over the paged KV cache: decode attention that reads it in place
+(csrc/paged_attention.c), and RoPE with the cache write of a layer's fused q/k/v (csrc/rope_cache.c).
 
 The torch path gathers each decode row's whole context from the cache at every layer, pads it, and
 runs batched GEMMs whose overhead dominates at one query row per sequence (bf16 oneDNN matmul of 3
 query heads over 1024 keys: ~50 us a call). vLLM's CPU backend reads the cache in place with one
 C++ op per layer; this is the same idea in ~300 lines of C.
 
-The kernel is compiled at first use with the host's C compiler (`cc`, or $CC) and -march=native,
+The per-layer torch ops around the cache (RoPE, slicing queries from keys, two index_copy_ writes:
+about fifteen dispatches a layer) become one call of `rope_and_cache`, with torch's rounding.
+
+The kernels are compiled at first use with the host's C compiler (`cc`, or $CC) and -march=native,
 so it vectorizes for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default
 ~/.cache/ponder/kernels) by a hash of its source, the compiler, its flags and the CPU's flags. Without a
 compiler, or with PONDER_NATIVE_KERNELS=0, `available()` is False and the engine keeps the torch
@@ -30,7 +34,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "rope_cache.c")]
 # OpenMP binds to the libgomp torch has loaded (same soname); the kernel's exp is its own, vectorized.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -68,22 +72,55 @@ def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tens
     return out
 
 
+def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, index: Tensor) -> Tensor:
+    """qkv (n, (H + 2 Hkv) * D): rows of a fused q/k/v projection. Rotates queries and keys by cos, sin
+    (n, D) as `runtime.layers.apply_rope` does (the same rounding), writes keys and values to rows
+    index (n,) of one cache slot k_cache, v_cache (positions, Hkv, D), and returns the queries (n, H, D)."""
+    n, H, Hkv = len(qkv), num_heads, num_kv_heads
+    D, dtype = k_cache.shape[-1], qkv.dtype
+    if not (cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == dtype and dtype in _DTYPES
+            and qkv.device.type == "cpu"):
+        raise ValueError(f"rope_and_cache needs CPU tensors of one dtype (fp32 or bf16); got qkv {dtype}, "
+                         f"cos {cos.dtype}, sin {sin.dtype}, cache {k_cache.dtype}, {v_cache.dtype}")
+    if qkv.shape != (n, (H + 2 * Hkv) * D) or cos.shape != (n, D) or sin.shape != (n, D) or index.shape != (n,) \
+            or k_cache.shape[1:] != (Hkv, D) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"rope_and_cache: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, "
+                         f"cache {tuple(k_cache.shape)}, index {tuple(index.shape)} do not fit {H}/{Hkv} heads")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rope_and_cache writes the cache in place: it must be contiguous")
+    qkv, cos, sin, index = qkv.contiguous(), cos.contiguous(), sin.contiguous(), index.to(torch.int64).contiguous()
+    q = qkv.new_empty(n, H, D)
+    fn = getattr(_library(), f"rope_and_cache_{_DTYPES[qkv.dtype]}")
+    status = fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                index.data_ptr(), n, H, Hkv, D, k_cache.shape[0])
+    if status == -2:
+        raise ValueError(f"rope_and_cache: an index outside the cache's {k_cache.shape[0]} positions")
+    if status != 0:
+        raise RuntimeError(f"rope_and_cache failed on head dim {D} (it must be even)")
+    return q
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("PONDER_NATIVE_KERNELS", "1") == "0":
-        log.info("native kernels off (PONDER_NATIVE_KERNELS=0): decode attention runs on torch kernels")
+        log.info("native kernels off (PONDER_NATIVE_KERNELS=0): the paged cache is read and written by torch kernels")
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         why = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-        log.warning("paged decode attention not built (%s); decode attention runs on torch kernels", why)
+        log.warning("native kernels not built (%s); the paged cache is read and written by torch kernels", why)
         return None
     for name in ("paged_decode_f32", "paged_decode_bf16"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
             [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    for name in ("rope_and_cache_f32", "rope_and_cache_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_int] * 3 + [ctypes.c_int64]
     return lib
 
 
@@ -93,7 +130,8 @@ def _build() -> Path:
     if cc is None:
         raise FileNotFoundError("no C compiler (cc or gcc, or $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([version, *CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join([version, *CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("PONDER_KERNEL_CACHE", Path.home() / ".cache" / "ponder" / "kernels"))
     lib = cache_dir / f"paged_attention-{key}.so"
     if lib.exists():
@@ -101,7 +139,8 @@ def _build() -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # built aside, then renamed: processes may race
         built = Path(tmp) / lib.name
-        subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True, check=True)
+        command = [cc, *CFLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
+        subprocess.run(command, capture_output=True, text=True, check=True)
         built.rename(lib)
     log.info("built %s", lib)
     return lib

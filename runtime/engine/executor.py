@@ -31,7 +31,8 @@ from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
 from runtime.engine.structured_output import StructuredOutputManager
 from runtime.layers import Block, Linear, rope_tables, warm_up_linears
 from runtime.model import PonderModel
-from runtime.paged_attention import paged_decode
+from runtime import paged_attention
+from runtime.paged_attention import paged_decode, rope_and_cache
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Padding:
 
 class Executor:
     per_sequence_attention = True  # prefill and mixed steps attend one sequence at a time (`_attend_per_sequence`)
+    _rope_and_cache = False  # RoPE and the cache write as one native call (set in __init__ where it runs)
 
     def __init__(self, model: PonderModel, cache: PagedKVCache, fuse_linears: bool = True) -> None:
         self.model, self.cache, self.cfg = model, cache, model.cfg
@@ -109,6 +111,13 @@ class Executor:
         if fuse_linears:  # q/k/v and gate/up as one GEMM each (runtime/layers.py: fuse_linears)
             for block in [*model.prelude, *model.pool, *model.coda]:
                 block.fuse()
+        blocks = [*model.prelude, *model.pool, *model.coda]
+        # RoPE and the cache write as one native call (`_project_and_write`): torch's CPU backend only,
+        # every block's q/k/v fused, the cache in the activation dtype
+        self._rope_and_cache = (type(self)._project is Executor._project and self.device.type == "cpu"
+                                and all(b.attn.wqkv is not None for b in blocks)
+                                and cache.k.dtype == model.head.weight.dtype
+                                and paged_attention.available(cache.k.dtype, self.device))
         self._init_state()
 
     def _init_state(self) -> None:
@@ -273,9 +282,10 @@ class Executor:
             keep = alive[group] if has_exited else None
             goes_on = keep is None or bool(keep.any())  # a group of exited rows only fills: no queries
             cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
-            k, v, q = self._project(("pool", b), x, cos, sin, queries=goes_on)
             if cfg.kv_fill.writes_slot(s):  # shared: the single core slot keeps the step-0 entry
-                self.cache.write(slot, index, k, v)
+                q = self._project_and_write(("pool", b), x, cos, sin, slot, index, queries=goes_on)
+            else:
+                q = self._project(("pool", b), x, cos, sin, queries=goes_on)[2]
             if not goes_on:
                 self.num_fill_calls += 1
             else:
@@ -331,6 +341,19 @@ class Executor:
         may reuse for the same rows (here their rotated queries (n, H, D), from the same norm), if asked."""
         block, x = self._block(layer, x)
         return block.project_rows(x, cos, sin, queries)
+
+    def _project_and_write(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, slot: int, index: Tensor,
+                           queries: bool = True) -> Tensor | None:
+        """`_project`, with the entries written to rows index of the cache slot; returns the queries. On
+        CPU with the native kernels, the fused q/k/v projection's RoPE and write are one call."""
+        if queries and self._rope_and_cache:
+            block, x = self._block(layer, x)
+            attn = block.attn
+            return rope_and_cache(attn.wqkv(block.attn_norm(x)), attn.n_heads, attn.n_kv_heads, cos, sin,
+                                  *self.cache.in_place(slot), index)
+        k, v, q = self._project(layer, x, cos, sin, queries)
+        self.cache.write(slot, index, k, v)
+        return q
 
     def _block_padded(self, layer: Layer, x: Tensor, q: Tensor | None, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
                       mask: Tensor, padding: Padding) -> Tensor:
@@ -405,8 +428,7 @@ class Executor:
     def _layer(self, layer: Layer, h: Tensor, slot: int, batch: _Batch) -> Tensor:
         """A prelude or coda layer: every row writes its entry, then every row attends."""
         rows = torch.arange(len(h), device=self.device)
-        k, v, q = self._project(layer, h, batch.cos, batch.sin)
-        self.cache.write(slot, batch.index, k, v)
+        q = self._project_and_write(layer, h, batch.cos, batch.sin, slot, batch.index)
         return self._attend(layer, h, q, rows, slot, batch)
 
     def _attend(self, layer: Layer, x: Tensor, q: Tensor | None, rows: Tensor, slot: int, batch: _Batch) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime import paged_attention
-from runtime.paged_attention import available, paged_decode
+from runtime.layers import apply_rope, rope_tables
+from runtime.paged_attention import available, paged_decode, rope_and_cache
 
 needs_kernel = pytest.mark.skipif(not available(torch.float32, torch.device("cpu")),
                                   reason="no C compiler here: the paged kernel is not built")
@@ -113,3 +114,35 @@ def test_without_the_kernel_the_engine_keeps_torch_kernels_and_says_so(env, tmp_
     result = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch kernels" in result.stderr
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_is_apply_rope_and_the_cache_write_bit_for_bit(dtype):
+    torch.manual_seed(3)
+    n, H, Hkv, D, positions = 5, 9, 3, 64, 48
+    qkv = torch.randn(n, (H + 2 * Hkv) * D, dtype=dtype)
+    cos, sin = (t.to(dtype) for t in rope_tables(torch.tensor([0, 3, 17, 40, 1000]), D, 10000.0))
+    k_cache, v_cache = torch.zeros(positions, Hkv, D, dtype=dtype), torch.zeros(positions, Hkv, D, dtype=dtype)
+    index = torch.tensor([7, 0, 33, 12, 47])
+    q = rope_and_cache(qkv, H, Hkv, cos, sin, k_cache, v_cache, index)
+    heads = qkv.view(n, H + 2 * Hkv, D)
+    qk = apply_rope(heads[:, : H + Hkv], cos[:, None], sin[:, None])  # what Attention.project_rows runs
+    assert torch.equal(q, qk[:, :H])
+    assert torch.equal(k_cache[index], qk[:, H:]) and torch.equal(v_cache[index], heads[:, H + Hkv :])
+    untouched = torch.ones(positions, dtype=torch.bool)
+    untouched[index] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@needs_kernel
+def test_rope_and_cache_refuses_what_does_not_fit():
+    qkv, cos = torch.randn(2, 15 * 8), torch.randn(2, 8)
+    cache = torch.zeros(4, 3, 8)
+    with pytest.raises(ValueError, match="outside"):
+        rope_and_cache(qkv, 9, 3, cos, cos, cache, cache.clone(), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_and_cache(qkv, 8, 3, cos, cos, cache, cache.clone(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one dtype"):
+        rope_and_cache(qkv.bfloat16(), 9, 3, cos, cos, cache, cache.clone(), torch.tensor([0, 1]))
+    assert not cache.any()

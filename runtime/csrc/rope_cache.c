@@ -1,0 +1,88 @@
+/* RoPE and the paged-cache write of one layer's fused q/k/v projection, in one pass: what
+ * apply_rope, the slicing of queries from keys and PagedKVCache.write do as about fifteen torch ops.
+ *
+ * qkv (n, H + 2 * Hkv, D) is a row's query heads, then its key heads, then its value heads. Queries
+ * and keys are rotated in the half-split (Llama) layout by cos, sin (n, D); queries go to q (n, H, D),
+ * keys and values to row index[i] of the cache slot's k, v (positions, Hkv, D).
+ *
+ * The arithmetic is torch's, rounding for rounding: x * cos and rotate(x) * sin are each rounded to
+ * the element type, then their sum (torch's CPU kernels compute bf16 in fp32 and round each op's
+ * result). The function is compiled without FMA contraction, which would round once where torch
+ * rounds twice, so the engine's outputs do not depend on which path ran.
+ * Element type: fp32, or bf16 as raw uint16. Built with csrc/paged_attention.c into one library.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+typedef union {
+    uint32_t u;
+    float f;
+} rc_bits32;
+
+static inline float rc_bf16_to_float(uint16_t x) { return (rc_bits32){.u = (uint32_t)x << 16}.f; }
+
+static inline float rc_round_bf16(float f) { /* to the nearest bf16 (even on ties), as a float; branch-free */
+    uint32_t u = (rc_bits32){.f = f}.u, rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return (rc_bits32){.u = (nan ? u | 0x400000u : rounded) & 0xffff0000u}.f; /* NaN stays NaN */
+}
+
+static inline void rotate_one(const void *x, const void *c, const void *s, void *out, int d, float rot, int bf16) {
+    if (bf16) {
+        const uint16_t *xb = x, *cb = c;
+        float a = rc_round_bf16(rc_bf16_to_float(xb[d]) * rc_bf16_to_float(cb[d]));
+        float b = rc_round_bf16(rot * rc_bf16_to_float(((const uint16_t *)s)[d]));
+        ((uint16_t *)out)[d] = (uint16_t)((rc_bits32){.f = rc_round_bf16(a + b)}.u >> 16);
+    } else {
+        float a = ((const float *)x)[d] * ((const float *)c)[d], b = rot * ((const float *)s)[d];
+        ((float *)out)[d] = a + b;
+    }
+}
+
+static inline float element(const void *x, int d, int bf16) {
+    return bf16 ? rc_bf16_to_float(((const uint16_t *)x)[d]) : ((const float *)x)[d];
+}
+
+/* One head of D elements: out = round(round(x * c) + round(rot(x) * s)), rot(x) = (-x[half:], x[:half]);
+ * the two halves as two branch-free loops. */
+static inline void rotate_head(const void *x, const void *c, const void *s, void *out, int D, int bf16) {
+    int half = D / 2;
+    for (int d = 0; d < half; d++) rotate_one(x, c, s, out, d, -element(x, d + half, bf16), bf16);
+    for (int d = half; d < D; d++) rotate_one(x, c, s, out, d, element(x, d - half, bf16), bf16);
+}
+
+/* Returns 0; -1 for an odd head dim; -2 when an index lies outside the slot's num_positions (nothing is
+ * written then). */
+static int rope_and_cache(const void *qkv, const void *cos, const void *sin, void *q, void *k_cache, void *v_cache,
+                          const int64_t *index, int64_t n, int H, int Hkv, int D, int64_t num_positions, int bf16) {
+    if (D % 2) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (index[i] < 0 || index[i] >= num_positions) return -2;
+    int64_t size = bf16 ? 2 : 4, row = (int64_t)(H + 2 * Hkv) * D * size, head = (int64_t)D * size;
+    for (int64_t i = 0; i < n; i++) {
+        const char *x = (const char *)qkv + i * row;
+        const char *c = (const char *)cos + i * head, *s = (const char *)sin + i * head;
+        for (int h = 0; h < H; h++) rotate_head(x + h * head, c, s, (char *)q + (i * H + h) * head, D, bf16);
+        char *k_row = (char *)k_cache + index[i] * Hkv * head, *v_row = (char *)v_cache + index[i] * Hkv * head;
+        for (int h = 0; h < Hkv; h++) rotate_head(x + (H + h) * head, c, s, k_row + h * head, D, bf16);
+        memcpy(v_row, x + (H + Hkv) * head, (size_t)(Hkv * head));
+    }
+    return 0;
+}
+
+int rope_and_cache_f32(const float *qkv, const float *cos, const float *sin, float *q, float *k_cache,
+                       float *v_cache, const int64_t *index, int64_t n, int H, int Hkv, int D, int64_t num_positions) {
+    return rope_and_cache(qkv, cos, sin, q, k_cache, v_cache, index, n, H, Hkv, D, num_positions, 0);
+}
+
+int rope_and_cache_bf16(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, uint16_t *q,
+                        uint16_t *k_cache, uint16_t *v_cache, const int64_t *index, int64_t n, int H, int Hkv, int D,
+                        int64_t num_positions) {
+    return rope_and_cache(qkv, cos, sin, q, k_cache, v_cache, index, n, H, Hkv, D, num_positions, 1);
+}
