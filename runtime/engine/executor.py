@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime import paged_attention
 from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
@@ -31,7 +32,6 @@ from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
 from runtime.engine.structured_output import StructuredOutputManager
 from runtime.layers import Block, Linear, rope_tables, warm_up_linears
 from runtime.model import PonderModel
-from runtime import paged_attention
 from runtime.paged_attention import paged_decode, rope_and_cache
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ class Executor:
     def __init__(self, model: PonderModel, cache: PagedKVCache, fuse_linears: bool = True) -> None:
         self.model, self.cache, self.cfg = model, cache, model.cfg
         self.device = next(model.parameters()).device
-        if fuse_linears:  # q/k/v and gate/up as one GEMM each (runtime/layers.py: fuse_linears)
-            for block in [*model.prelude, *model.pool, *model.coda]:
-                block.fuse()
         blocks = [*model.prelude, *model.pool, *model.coda]
+        if fuse_linears:  # q/k/v and gate/up as one GEMM each (runtime/layers.py: fuse_linears)
+            for block in blocks:
+                block.fuse()
         # RoPE and the cache write as one native call (`_project_and_write`): torch's CPU backend only,
         # every block's q/k/v fused, the cache in the activation dtype
         self._rope_and_cache = (type(self)._project is Executor._project and self.device.type == "cpu"
