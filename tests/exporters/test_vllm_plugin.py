@@ -126,7 +126,7 @@ if __name__ == "__main__":
     for name, case in cases.items():
         tp, pp = case.get("tensor_parallel_size", 1), case.get("pipeline_parallel_size", 1)
         llm = LLM(model=case["dir"], trust_remote_code=True, dtype="float32", enforce_eager=pp == 1, max_model_len=64,
-                  max_num_seqs=4, gpu_memory_utilization=0.05, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  max_num_seqs=4, gpu_memory_utilization=0.1, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                   distributed_executor_backend="mp" if tp * pp > 1 else None, hf_overrides=case.get("hf_overrides"))
         params = SamplingParams(max_tokens=case["max_tokens"], temperature=0.0, ignore_eos=True,
                                 extra_args=case.get("extra_args"))
