@@ -130,7 +130,7 @@ def _build() -> Path:
     if cc is None:
         raise FileNotFoundError("no C compiler (cc or gcc, or $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(path.read_bytes() for path in [*SOURCES, *sorted(SOURCES[0].parent.glob("*.h"))])
     key = hashlib.sha256(sources + " ".join([version, *CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("PONDER_KERNEL_CACHE", Path.home() / ".cache" / "ponder" / "kernels"))
     lib = cache_dir / f"paged_attention-{key}.so"

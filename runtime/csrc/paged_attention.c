@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -27,20 +29,6 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 #define INLINE static inline __attribute__((always_inline))
-
-typedef union {
-    uint32_t u;
-    float f;
-} bits32;
-
-INLINE float bf16_to_float(uint16_t x) { return (bits32){.u = (uint32_t)x << 16}.f; }
-
-INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u = (bits32){.f = f}.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 INLINE float load(const void *base, int64_t i, int bf16) {
     return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
@@ -92,7 +80,6 @@ INLINE void prefetch_row(const void *base, const int64_t *table, int64_t t, int6
 }
 
 #define PREFETCH_AHEAD 8
-
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define BF16_DOT 1 /* vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32 */
@@ -166,8 +153,8 @@ INLINE void bf16_values(const float *p, const uint16_t *v, const int64_t *table,
 #define BF16_DOT 0
 #endif
 
-/* g query rows q (g, D), already scaled, over the n positions of table: acc (g, D) gets their
- * outputs. k and v point at this KV head's first element; a position's row is row_stride further.
+/* g query rows q (g, D), already scaled (q_raw: the same rows as stored, unscaled, for the bf16 dot
+ * products), over the n positions of table: acc (g, D) gets their outputs. k and v point at this KV head's first element; a position's row is row_stride further.
  * scores holds g * n floats. Each key and value row is converted to fp32 once, for all g rows. */
 INLINE void attend_item(const float *q, const void *q_raw, float scale, const void *k, const void *v,
                         const int64_t *table, int64_t n, int64_t block_size, int64_t row_stride, int g, int D,

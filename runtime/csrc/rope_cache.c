@@ -14,31 +14,23 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-typedef union {
-    uint32_t u;
-    float f;
-} rc_bits32;
-
-static inline float rc_bf16_to_float(uint16_t x) { return (rc_bits32){.u = (uint32_t)x << 16}.f; }
-
-static inline float rc_round_bf16(float f) { /* to the nearest bf16 (even on ties), as a float; branch-free */
-    uint32_t u = (rc_bits32){.f = f}.u, rounded = u + 0x7fffu + ((u >> 16) & 1u);
-    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
-    return (rc_bits32){.u = (nan ? u | 0x400000u : rounded) & 0xffff0000u}.f; /* NaN stays NaN */
-}
+/* x rounded to the nearest bf16, as a float */
+static inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
 static inline void rotate_one(const void *x, const void *c, const void *s, void *out, int d, float rot, int bf16) {
     if (bf16) {
         const uint16_t *xb = x, *cb = c;
-        float a = rc_round_bf16(rc_bf16_to_float(xb[d]) * rc_bf16_to_float(cb[d]));
-        float b = rc_round_bf16(rot * rc_bf16_to_float(((const uint16_t *)s)[d]));
-        ((uint16_t *)out)[d] = (uint16_t)((rc_bits32){.f = rc_round_bf16(a + b)}.u >> 16);
+        float a = round_bf16(bf16_to_float(xb[d]) * bf16_to_float(cb[d]));
+        float b = round_bf16(rot * bf16_to_float(((const uint16_t *)s)[d]));
+        ((uint16_t *)out)[d] = float_to_bf16(a + b);
     } else {
         float a = ((const float *)x)[d] * ((const float *)c)[d], b = rot * ((const float *)s)[d];
         ((float *)out)[d] = a + b;
@@ -46,7 +38,7 @@ static inline void rotate_one(const void *x, const void *c, const void *s, void 
 }
 
 static inline float element(const void *x, int d, int bf16) {
-    return bf16 ? rc_bf16_to_float(((const uint16_t *)x)[d]) : ((const float *)x)[d];
+    return bf16 ? bf16_to_float(((const uint16_t *)x)[d]) : ((const float *)x)[d];
 }
 
 /* One head of D elements: out = round(round(x * c) + round(rot(x) * s)), rot(x) = (-x[half:], x[:half]);
