@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime import native
 from runtime.config import ModelConfig
+from runtime.norm_act import native_rows, rms_norm, silu_mul
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +165,11 @@ def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:
     return calls
 
 
-def _traced() -> bool:
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
-
-
 class Linear(nn.Linear):
     """nn.Linear whose inference forward on CPU runs the kernel measured fastest for its weight."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype or _traced():
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype or native.traced():
             return F.linear(x, self.weight, self.bias)
         packed = _packed_weight(self)
         if packed is not None:
@@ -205,10 +202,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused op; it accumulates in fp32 whatever the activation dtype.
+        # It accumulates in fp32 whatever the activation dtype: one native pass at inference on CPU
+        # (runtime/norm_act.py), else torch's op.
+        if native_rows(x, self.weight.dtype):
+            return rms_norm(x, self.weight, self.eps)[1]
         if x.dtype == self.weight.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
+
+    def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """h = x + delta and the norm of h, in one native pass where it runs."""
+        if native_rows(x, self.weight.dtype) and delta.dtype == x.dtype:
+            return rms_norm(x, self.weight, self.eps, residual=delta)
+        h = x + delta
+        return h, self(h)
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -294,7 +301,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w_gate_up is not None and not torch.is_grad_enabled():
-            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            gate_up = self.w_gate_up(x)
+            if native_rows(gate_up, self.w_down.weight.dtype):
+                return self.w_down(silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
@@ -327,9 +337,13 @@ class Block(nn.Module):
         """The attention half with its residual: x + attn(norm(x)) over the given K/V."""
         return x + self.attn(self.attn_norm(x), k, v, cos, sin, mask)
 
-    def feedforward(self, h: Tensor) -> Tensor:
-        """The MLP half with its residual; position-wise, so callers may batch rows freely."""
-        return h + self.mlp(self.mlp_norm(h))
+    def feedforward(self, h: Tensor, delta: Tensor | None = None) -> Tensor:
+        """The MLP half with its residual on h, or on h + delta (the attention half's output, added in
+        the norm's pass); position-wise, so callers may batch rows freely."""
+        if delta is None:
+            return h + self.mlp(self.mlp_norm(h))
+        h, normed = self.mlp_norm.add_forward(h, delta)
+        return h + self.mlp(normed)
 
     def forward_with_kv(
         self, x: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None

@@ -9,40 +9,20 @@ C++ op per layer; this is the same idea in ~300 lines of C.
 The per-layer torch ops around the cache (RoPE, slicing queries from keys, two index_copy_ writes:
 about fifteen dispatches a layer) become one call of `rope_and_cache`, with torch's rounding.
 
-The kernels are compiled at first use with the host's C compiler (`cc`, or $CC) and -march=native,
-so it vectorizes for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default
-~/.cache/ponder/kernels) by a hash of its source, the compiler, its flags and the CPU's flags. Without a
-compiler, or with PONDER_NATIVE_KERNELS=0, `available()` is False and the engine keeps the torch
-kernels. CPU only; fp32 and bf16 caches.
+Both are built and loaded with the other native kernels (runtime/native.py). CPU only; fp32 and bf16
+caches.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from runtime import native
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "rope_cache.c")]
-# OpenMP binds to the libgomp torch has loaded (same soname); the kernel's exp is its own, vectorized.
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-def available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `paged_decode` runs for a cache of this dtype on this device."""
-    return device.type == "cpu" and dtype in _DTYPES and _library() is not None
+available = native.available  # whether these kernels run for a cache of a dtype on a device
 
 
 def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tensor, block_size: int) -> Tensor:
@@ -59,7 +39,7 @@ def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tens
     q = q.contiguous()
     tables, ctx_lens = tables.to(torch.int64).contiguous(), ctx_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    fn = getattr(_library(), f"paged_decode_{_DTYPES[q.dtype]}")
+    fn = native.kernel("paged_decode", q.dtype)
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
                 out.data_ptr(), R, H, Hkv, D, block_size, k.shape[0] // block_size, 1 / math.sqrt(D),
                 torch.get_num_threads())
@@ -79,7 +59,7 @@ def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, 
     index (n,) of one cache slot k_cache, v_cache (positions, Hkv, D), and returns the queries (n, H, D)."""
     n, H, Hkv = len(qkv), num_heads, num_kv_heads
     D, dtype = k_cache.shape[-1], qkv.dtype
-    if not (cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == dtype and dtype in _DTYPES
+    if not (cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == dtype and dtype in native.SUFFIX
             and qkv.device.type == "cpu"):
         raise ValueError(f"rope_and_cache needs CPU tensors of one dtype (fp32 or bf16); got qkv {dtype}, "
                          f"cos {cos.dtype}, sin {sin.dtype}, cache {k_cache.dtype}, {v_cache.dtype}")
@@ -91,7 +71,7 @@ def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, 
         raise ValueError("rope_and_cache writes the cache in place: it must be contiguous")
     qkv, cos, sin, index = qkv.contiguous(), cos.contiguous(), sin.contiguous(), index.to(torch.int64).contiguous()
     q = qkv.new_empty(n, H, D)
-    fn = getattr(_library(), f"rope_and_cache_{_DTYPES[qkv.dtype]}")
+    fn = native.kernel("rope_and_cache", qkv.dtype)
     status = fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                 index.data_ptr(), n, H, Hkv, D, k_cache.shape[0])
     if status == -2:
@@ -100,54 +80,3 @@ def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, 
         raise RuntimeError(f"rope_and_cache failed on head dim {D} (it must be even)")
     return q
 
-
-@cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("PONDER_NATIVE_KERNELS", "1") == "0":
-        log.info("native kernels off (PONDER_NATIVE_KERNELS=0): the paged cache is read and written by torch kernels")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as e:
-        why = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-        log.warning("native kernels not built (%s); the paged cache is read and written by torch kernels", why)
-        return None
-    for name in ("paged_decode_f32", "paged_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
-            [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-    for name in ("rope_and_cache_f32", "rope_and_cache_bf16"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_int] * 3 + [ctypes.c_int64]
-    return lib
-
-
-def _build() -> Path:
-    """The compiled library, built now if this source, compiler and CPU have none in the cache."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise FileNotFoundError("no C compiler (cc or gcc, or $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = b"".join(path.read_bytes() for path in [*SOURCES, *sorted(SOURCES[0].parent.glob("*.h"))])
-    key = hashlib.sha256(sources + " ".join([version, *CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("PONDER_KERNEL_CACHE", Path.home() / ".cache" / "ponder" / "kernels"))
-    lib = cache_dir / f"paged_attention-{key}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # built aside, then renamed: processes may race
-        built = Path(tmp) / lib.name
-        command = [cc, *CFLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
-        subprocess.run(command, capture_output=True, text=True, check=True)
-        built.rename(lib)
-    log.info("built %s", lib)
-    return lib
-
-
-def _cpu_flags() -> str:
-    try:
-        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return ""

@@ -16,4 +16,17 @@ static inline uint16_t float_to_bf16(float f) {
     uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
     return (uint16_t)((nan ? u | 0x400000u : rounded) >> 16);
 }
+
+/* Element i of an fp32 array, or (bf16 != 0) of a bf16 one, as fp32; and a store back, rounded. The kernels
+ * compile one body per element type with bf16 as a constant, so the test folds away. */
+static inline __attribute__((always_inline)) float load_elem(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline __attribute__((always_inline)) void store_elem(void *base, int64_t i, float x, int bf16) {
+    if (bf16)
+        ((uint16_t *)base)[i] = float_to_bf16(x);
+    else
+        ((float *)base)[i] = x;
+}
 #endif

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "exp.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -29,33 +30,6 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 #define INLINE static inline __attribute__((always_inline))
-
-INLINE float load(const void *base, int64_t i, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-INLINE void store(void *base, int64_t i, float x, int bf16) {
-    if (bf16)
-        ((uint16_t *)base)[i] = float_to_bf16(x);
-    else
-        ((float *)base)[i] = x;
-}
-
-/* exp(x) for x <= 0 (softmax after its max is taken off): 2^i * 2^f, 2^f by a degree-6 polynomial
- * (relative error ~2e-7). glibc's expf does not vectorize without -ffast-math, which would also
- * assume no infinities. */
-INLINE float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    float t = x * 1.44269504f, i = __builtin_floorf(t), f = t - i;
-    float p = 1.5403530e-4f;
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022650e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.f;
-    return p * (bits32){.u = (uint32_t)((int32_t)i + 127) << 23}.f;
-}
 
 /* The cache row of position t of a block table. block_size is a power of two (checked by the caller),
  * so this is a shift and a mask: a 64-bit division per position cost more than its dot products. */
@@ -69,7 +43,7 @@ INLINE int64_t row_of(const int64_t *table, int64_t t, int64_t block_size, int64
  * does not follow them (without it, past ~4 MB of context each row read was a cache miss). */
 INLINE void load_row(const void *base, int64_t row, int D, float *out, int bf16) {
 #pragma omp simd
-    for (int d = 0; d < D; d++) out[d] = load(base, row + d, bf16);
+    for (int d = 0; d < D; d++) out[d] = load_elem(base, row + d, bf16);
 }
 
 INLINE void prefetch_row(const void *base, const int64_t *table, int64_t t, int64_t n, int64_t block_size,
@@ -253,13 +227,13 @@ INLINE int paged_decode(const void *q, const void *k, const void *v, const int64
             if (scores == NULL) continue;
             int r = item / Hkv, h = item % Hkv;
             int64_t first = ((int64_t)r * H + (int64_t)h * g) * D; /* of this item's query rows */
-            for (int i = 0; i < g * D; i++) qf[i] = load(q, first + i, bf16) * scale;
+            for (int i = 0; i < g * D; i++) qf[i] = load_elem(q, first + i, bf16) * scale;
             int64_t head = (int64_t)h * D * (bf16 ? 2 : 4);
             (bf16 ? attend_item_bf16 : attend_item_f32)(qf, (const char *)q + first * (bf16 ? 2 : 4), scale,
                                                         (const char *)k + head, (const char *)v + head,
                                                         tables + (int64_t)r * width, ctx_lens[r], block_size,
                                                         (int64_t)Hkv * D, g, D, scores, acc);
-            for (int i = 0; i < g * D; i++) store(out, first + i, acc[i], bf16);
+            for (int i = 0; i < g * D; i++) store_elem(out, first + i, acc[i], bf16);
         }
         free(scores);
     }

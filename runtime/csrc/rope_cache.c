@@ -37,16 +37,12 @@ static inline void rotate_one(const void *x, const void *c, const void *s, void 
     }
 }
 
-static inline float element(const void *x, int d, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)x)[d]) : ((const float *)x)[d];
-}
-
 /* One head of D elements: out = round(round(x * c) + round(rot(x) * s)), rot(x) = (-x[half:], x[:half]);
  * the two halves as two branch-free loops. */
 static inline void rotate_head(const void *x, const void *c, const void *s, void *out, int D, int bf16) {
     int half = D / 2;
-    for (int d = 0; d < half; d++) rotate_one(x, c, s, out, d, -element(x, d + half, bf16), bf16);
-    for (int d = half; d < D; d++) rotate_one(x, c, s, out, d, element(x, d - half, bf16), bf16);
+    for (int d = 0; d < half; d++) rotate_one(x, c, s, out, d, -load_elem(x, d + half, bf16), bf16);
+    for (int d = half; d < D; d++) rotate_one(x, c, s, out, d, load_elem(x, d - half, bf16), bf16);
 }
 
 /* Returns 0; -1 for an odd head dim; -2 when an index lies outside the slot's num_positions (nothing is

@@ -362,12 +362,12 @@ class Executor:
         block, x = self._block(layer, x)
         q_pad = padding.pad(q).transpose(1, 2)  # (R, H, M, D)
         out = attend(q_pad, k, v, mask)
-        return block.feedforward(x + block.attn.out(padding.unpad(out.transpose(1, 2)).flatten(1)))
+        return block.feedforward(x, block.attn.out(padding.unpad(out.transpose(1, 2)).flatten(1)))
 
     def _block_rows(self, layer: Layer, x: Tensor, attn: Tensor) -> Tensor:
         """The layer on rows x (n, d) given their attention outputs (n, H, D)."""
         block, x = self._block(layer, x)
-        return block.feedforward(x + block.attn.out(attn.flatten(1)))
+        return block.feedforward(x, block.attn.out(attn.flatten(1)))
 
     def _adapt(self, h: Tensor, depth: Tensor) -> Tensor:
         """Exit adapters on rows h (n, d) by their core depth (identity for models without them)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime import paged_attention
+from runtime import native
 from runtime.layers import apply_rope, rope_tables
 from runtime.paged_attention import available, paged_decode, rope_and_cache
 
@@ -55,8 +55,8 @@ def test_portable_build_matches_sdpa_too(monkeypatch, tmp_path):
     """Built without AVX-512 BF16 (as on an AVX2-only CPU), the portable loops serve the head dims that
     take intrinsics elsewhere (64 and 128), with the same results."""
     monkeypatch.setenv("PONDER_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(paged_attention, "CFLAGS", (*paged_attention.CFLAGS, "-mno-avx512bf16"))
-    paged_attention._library.cache_clear()
+    monkeypatch.setattr(native, "CFLAGS", (*native.CFLAGS, "-mno-avx512bf16"))
+    native.library.cache_clear()
     try:
         for H, Hkv, D in [(9, 3, 64), (4, 2, 128)]:
             torch.manual_seed(2)
@@ -66,8 +66,8 @@ def test_portable_build_matches_sdpa_too(monkeypatch, tmp_path):
             torch.testing.assert_close(paged_decode(q, k, v, tables, ctx_lens, 16).double(),
                                        reference(q, k, v, tables, ctx_lens, 16), atol=2e-2, rtol=2e-2)
     finally:
-        paged_attention._library.cache_clear()  # the next test loads the native build again
-    assert len(list(tmp_path.glob("paged_attention-*.so"))) == 1
+        native.library.cache_clear()  # the next test loads the native build again
+    assert len(list(tmp_path.glob("ponder-kernels-*.so"))) == 1
 
 
 @needs_kernel
