@@ -46,7 +46,7 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the element types, as
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # name without its type suffix -> (restype, argtypes)
     "paged_decode": (_i, [_p] * 4 + [_i64, _p, _p] + [_i] * 4 + [_i64, _i64, _f, _i]),
-    "rope_and_cache": (_i, [_p] * 7 + [_i64] + [_i] * 3 + [_i64]),
+    "rope_and_cache": (_i, [_p] * 7 + [_i64] + [_i] * 3 + [_i64, _i]),
     "rms_norm": (None, [_p] * 5 + [_i64, _i, _f, _i]),
     "silu_mul": (None, [_p] * 2 + [_i64, _i, _i]),
 }

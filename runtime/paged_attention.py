@@ -73,7 +73,7 @@ def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, 
     q = qkv.new_empty(n, H, D)
     fn = native.kernel("rope_and_cache", qkv.dtype)
     status = fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                index.data_ptr(), n, H, Hkv, D, k_cache.shape[0])
+                index.data_ptr(), n, H, Hkv, D, k_cache.shape[0], torch.get_num_threads())
     if status == -2:
         raise ValueError(f"rope_and_cache: an index outside the cache's {k_cache.shape[0]} positions")
     if status != 0:

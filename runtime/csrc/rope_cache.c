@@ -45,32 +45,49 @@ static inline void rotate_head(const void *x, const void *c, const void *s, void
     for (int d = half; d < D; d++) rotate_one(x, c, s, out, d, load_elem(x, d - half, bf16), bf16);
 }
 
-/* Returns 0; -1 for an odd head dim; -2 when an index lies outside the slot's num_positions (nothing is
- * written then). */
-static int rope_and_cache(const void *qkv, const void *cos, const void *sin, void *q, void *k_cache, void *v_cache,
-                          const int64_t *index, int64_t n, int H, int Hkv, int D, int64_t num_positions, int bf16) {
+/* Row i: its query heads rotated into q, its key heads rotated and its value heads copied into row
+ * index[i] of the cache slot. */
+static inline __attribute__((always_inline)) void rope_row(const void *qkv, const void *cos, const void *sin, void *q,
+                                                           void *k_cache, void *v_cache, const int64_t *index,
+                                                           int64_t i, int H, int Hkv, int D, int bf16) {
+    int64_t size = bf16 ? 2 : 4, row = (int64_t)(H + 2 * Hkv) * D * size, head = (int64_t)D * size;
+    const char *x = (const char *)qkv + i * row;
+    const char *c = (const char *)cos + i * head, *s = (const char *)sin + i * head;
+    for (int h = 0; h < H; h++) rotate_head(x + h * head, c, s, (char *)q + (i * H + h) * head, D, bf16);
+    char *k_row = (char *)k_cache + index[i] * Hkv * head, *v_row = (char *)v_cache + index[i] * Hkv * head;
+    for (int h = 0; h < Hkv; h++) rotate_head(x + (H + h) * head, c, s, k_row + h * head, D, bf16);
+    memcpy(v_row, x + (H + Hkv) * head, (size_t)(Hkv * head));
+}
+
+/* 0 if the call can run; -1 for an odd head dim; -2 when an index lies outside the slot's num_positions
+ * (nothing is written then). */
+static int check(const int64_t *index, int64_t n, int D, int64_t num_positions) {
     if (D % 2) return -1;
     for (int64_t i = 0; i < n; i++)
         if (index[i] < 0 || index[i] >= num_positions) return -2;
-    int64_t size = bf16 ? 2 : 4, row = (int64_t)(H + 2 * Hkv) * D * size, head = (int64_t)D * size;
-    for (int64_t i = 0; i < n; i++) {
-        const char *x = (const char *)qkv + i * row;
-        const char *c = (const char *)cos + i * head, *s = (const char *)sin + i * head;
-        for (int h = 0; h < H; h++) rotate_head(x + h * head, c, s, (char *)q + (i * H + h) * head, D, bf16);
-        char *k_row = (char *)k_cache + index[i] * Hkv * head, *v_row = (char *)v_cache + index[i] * Hkv * head;
-        for (int h = 0; h < Hkv; h++) rotate_head(x + (H + h) * head, c, s, k_row + h * head, D, bf16);
-        memcpy(v_row, x + (H + Hkv) * head, (size_t)(Hkv * head));
-    }
     return 0;
 }
 
+/* Rows are split over OpenMP threads only in calls large enough to pay for the fork (a prompt's rows);
+ * the loops are written out per element type, so that the type is a constant in OpenMP's outlined body. */
+#define PARALLEL_MIN (1 << 16)
+
 int rope_and_cache_f32(const float *qkv, const float *cos, const float *sin, float *q, float *k_cache,
-                       float *v_cache, const int64_t *index, int64_t n, int H, int Hkv, int D, int64_t num_positions) {
-    return rope_and_cache(qkv, cos, sin, q, k_cache, v_cache, index, n, H, Hkv, D, num_positions, 0);
+                       float *v_cache, const int64_t *index, int64_t n, int H, int Hkv, int D, int64_t num_positions,
+                       int threads) {
+    int status = check(index, n, D, num_positions);
+    if (status) return status;
+#pragma omp parallel for num_threads(threads) if (n * (H + 2 * Hkv) * D >= PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) rope_row(qkv, cos, sin, q, k_cache, v_cache, index, i, H, Hkv, D, 0);
+    return 0;
 }
 
 int rope_and_cache_bf16(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, uint16_t *q,
                         uint16_t *k_cache, uint16_t *v_cache, const int64_t *index, int64_t n, int H, int Hkv, int D,
-                        int64_t num_positions) {
-    return rope_and_cache(qkv, cos, sin, q, k_cache, v_cache, index, n, H, Hkv, D, num_positions, 1);
+                        int64_t num_positions, int threads) {
+    int status = check(index, n, D, num_positions);
+    if (status) return status;
+#pragma omp parallel for num_threads(threads) if (n * (H + 2 * Hkv) * D >= PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) rope_row(qkv, cos, sin, q, k_cache, v_cache, index, i, H, Hkv, D, 1);
+    return 0;
 }

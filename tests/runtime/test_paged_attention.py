@@ -118,13 +118,14 @@ def test_without_the_kernel_the_engine_keeps_torch_kernels_and_says_so(env, tmp_
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_is_apply_rope_and_the_cache_write_bit_for_bit(dtype):
+@pytest.mark.parametrize("n", [5, 300])  # 300 rows of 15 heads of 64 run on several threads (PARALLEL_MIN)
+def test_rope_and_cache_is_apply_rope_and_the_cache_write_bit_for_bit(dtype, n):
     torch.manual_seed(3)
-    n, H, Hkv, D, positions = 5, 9, 3, 64, 48
+    H, Hkv, D, positions = 9, 3, 64, 2 * n + 40
     qkv = torch.randn(n, (H + 2 * Hkv) * D, dtype=dtype)
-    cos, sin = (t.to(dtype) for t in rope_tables(torch.tensor([0, 3, 17, 40, 1000]), D, 10000.0))
+    cos, sin = (t.to(dtype) for t in rope_tables(torch.randint(0, 2000, (n,)), D, 10000.0))
     k_cache, v_cache = torch.zeros(positions, Hkv, D, dtype=dtype), torch.zeros(positions, Hkv, D, dtype=dtype)
-    index = torch.tensor([7, 0, 33, 12, 47])
+    index = torch.randperm(positions)[:n]
     q = rope_and_cache(qkv, H, Hkv, cos, sin, k_cache, v_cache, index)
     heads = qkv.view(n, H + 2 * Hkv, D)
     qk = apply_rope(heads[:, : H + Hkv], cos[:, None], sin[:, None])  # what Attention.project_rows runs
