@@ -13,7 +13,8 @@ attention, the LM head of the last token; the engine runs a whole prompt from po
 causal SDPA, whose kernel skips the masked half, so that is also the attention as run).
 Measured on the engine (LLMEngine, greedy, ignore_eos, full depth): ms per decode step at each
 batch with --context tokens of context, the part of it in Executor.run (the forward), ops per
-step (torch.profiler: every ATen and oneDNN op event, and those called from Python), the ops that
+step (torch.profiler: every ATen and oneDNN op event, and those called from Python; the native
+kernels' ctypes calls, five a layer, are no profiler events and are not counted), the ops that
 take the most self time; and one --prefill-len prefill. With several --kernels (runtime/layers.py:
 aten, onednn, auto) every variant runs in each round, in rotated order, and the ratios of their
 times are medians of per-round ratios; `--fuse-linears on,off` adds the unfused q/k/v and gate/up
