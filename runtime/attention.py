@@ -133,7 +133,8 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
     """Measure the kernel choices now, and run `grouped` at every shape bucket it can take: decode
     steps of up to max_seqs sequences over up to max_len keys, and steps of prompts of up to
     max_prompt tokens in all (one causal call runs every block a shorter prompt does), so that
-    oneDNN builds their GEMM kernels at start-up. Returns the number of calls run."""
+    oneDNN builds their GEMM kernels at start-up. Every case's choice (decode, prompt, chunk) is made
+    here too. Returns the number of calls run."""
     calls = 0
     with torch.inference_mode():
         R = 1
@@ -160,6 +161,9 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
                     grouped_attention(q, k, k)
                     calls += 1
             R *= 2
+        # and the choice for chunks after cached context (chunked prefill), which would otherwise be
+        # measured under the first traffic that has one
+        _kernel(torch.zeros(1, H, 2, D, dtype=dtype), Hkv, max_len, causal=False)
     return calls
 
 

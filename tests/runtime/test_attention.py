@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from runtime import attention
 from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices, grouped_attention, grouped_decode,
-                               set_attention_kernel)
+                               set_attention_kernel, warm_up_attention)
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,13 @@ def test_auto_measures_each_case_once_and_keeps_a_kernel_only_if_it_beats_sdpa(d
                 assert timed[kernel][i] < 0.95 * timed["sdpa"][i]
                 assert timed[kernel][i] == min(t[i] for t in timed.values())
     torch.testing.assert_close(out.double(), reference(q, k, v, mask, False), atol=3e-2, rtol=3e-2)
+
+
+def test_warm_up_makes_every_cases_choice_before_traffic():
+    """Decode, prompt and chunk-after-context choices at start-up: none is measured under load."""
+    set_attention_kernel("auto")  # forgets earlier choices
+    warm_up_attention(4, 2, 8, torch.float32, max_seqs=2, max_len=64, max_prompt=64)
+    assert sorted(c["case"] for c in attention_kernel_choices()) == ["chunk", "decode", "prompt"]
 
 
 def test_unknown_kernel_is_refused():
