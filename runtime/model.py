@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from runtime.config import ModelConfig
 from runtime.layers import Block, Linear, RMSNorm, rope_tables
+from runtime.norm_act import exit_scores, native_rows
 
 
 @dataclass
@@ -66,6 +67,10 @@ class ExitHead(nn.Module):
         self.out = Linear(cfg.exit_hidden, 1)
 
     def forward(self, x: Tensor, s: int) -> Tensor:
+        if native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype:  # one call on CPU
+            step_bias = None if self.step_bias is None else self.step_bias.weight[s]
+            return exit_scores(x, self.norm.weight, self.norm.eps, self.fc.weight, self.fc.bias, step_bias,
+                               self.out.weight, self.out.bias)
         hidden = self.fc(self.norm(x))
         if self.step_bias is not None:
             hidden = hidden + self.step_bias.weight[s]

@@ -1,6 +1,7 @@
-"""RMSNorm and SwiGLU's activation as one native pass each (csrc/norm_act.c), for CPU inference.
+"""RMSNorm and SwiGLU's activation as one native pass each (csrc/norm_act.c), and the exit head's
+score as one call (csrc/exit_head.c), for CPU inference.
 
-`runtime.layers.RMSNorm` and `SwiGLU` take these where `native_rows` says they run: a CPU tensor of
+`runtime.layers.RMSNorm` and `SwiGLU`, and `runtime.model.ExitHead`, take these where `native_rows` says they run: a CPU tensor of
 the norm weight's dtype (fp32 or bf16), no autograd, no tracing or export, and a built library
 (runtime/native.py). Elsewhere they keep torch's ops. The results follow torch's rounding op for op;
 see the C source for where the last bit may differ.
@@ -48,3 +49,27 @@ def silu_mul(gate_up: Tensor) -> Tensor:
                                              torch.get_num_threads())
     return out
 
+
+
+def exit_scores(x: Tensor, norm_weight: Tensor, eps: float, fc_weight: Tensor, fc_bias: Tensor,
+                step_bias: Tensor | None, out_weight: Tensor, out_bias: Tensor) -> Tensor:
+    """softplus(out(gelu(fc(rms_norm(x)) + step_bias))) for rows x (..., d): the exit head's scores (...),
+    in x's dtype. fc_weight (hidden, d), out_weight (1, hidden); biases (hidden,) and (1,)."""
+    d, hidden = x.shape[-1], fc_weight.shape[0]
+    params = (norm_weight, fc_weight, fc_bias, out_weight, out_bias) + (() if step_bias is None else (step_bias,))
+    if (norm_weight.shape != (d,) or fc_weight.shape != (hidden, d) or fc_bias.shape != (hidden,)
+            or out_weight.shape != (1, hidden) or out_bias.shape != (1,)
+            or (step_bias is not None and step_bias.shape != (hidden,)) or any(p.dtype != x.dtype for p in params)):
+        raise ValueError(f"exit_scores: rows {tuple(x.shape)} {x.dtype} and the head's "
+                         f"{[(tuple(p.shape), str(p.dtype)) for p in params]} do not fit")
+    x = x.contiguous()
+    norm_weight, fc_weight, fc_bias, out_weight, out_bias = (p.contiguous() for p in params[:5])
+    step_bias = None if step_bias is None else step_bias.contiguous()
+    out = x.new_empty(x.shape[:-1])
+    status = native.kernel("exit_scores", x.dtype)(
+        x.data_ptr(), norm_weight.data_ptr(), eps, fc_weight.data_ptr(), fc_bias.data_ptr(),
+        None if step_bias is None else step_bias.data_ptr(), out_weight.data_ptr(), out_bias.data_ptr(),
+        out.data_ptr(), out.numel(), d, hidden, torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"exit_scores: model width {d} or exit hidden {hidden} past the kernel's 8192 and 1024")
+    return out

@@ -1,6 +1,7 @@
-"""The native RMSNorm and silu(gate) * up (runtime/csrc/norm_act.c) give torch's results (bf16: the same
-bits but for rare one-step differences), refuse what does not fit, and the layers take them only at
-inference on CPU, so training still differentiates through torch's ops."""
+"""The native RMSNorm and silu(gate) * up (runtime/csrc/norm_act.c) and the exit head
+(csrc/exit_head.c) give torch's results (bf16: the same bits but for rare one-step differences),
+refuse what does not fit, and the layers take them only at inference on CPU, so training still
+differentiates through torch's ops."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from runtime import native
 from runtime.config import ModelConfig
 from runtime.layers import Block, RMSNorm, SwiGLU
-from runtime.norm_act import native_rows, rms_norm, silu_mul
+from runtime.model import ExitHead
+from runtime.norm_act import exit_scores, native_rows, rms_norm, silu_mul
 
 needs_kernel = pytest.mark.skipif(not native.available(torch.float32, torch.device("cpu")),
                                   reason="no C compiler here: the native kernels are not built")
@@ -94,3 +96,39 @@ def test_layers_take_the_kernels_at_inference_only():
     y = mlp(norm(x.requires_grad_()))
     y.sum().backward()  # training differentiates through torch's ops
     assert x.grad is not None and norm.weight.grad is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 8, 100])  # 100 rows run on several threads
+@pytest.mark.parametrize("step_bias", [False, True])
+def test_exit_head_scores_are_torchs(dtype, n, step_bias):
+    cfg = ModelConfig(d_model=48, n_heads=4, n_kv_heads=2, vocab_size=64, exit_hidden=16, max_depth=4,
+                      exit_step_bias=step_bias)
+    torch.manual_seed(n)
+    head = ExitHead(cfg).to(dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    x = torch.randn(n, 48, dtype=dtype) * 2
+    with torch.inference_mode():
+        assert native_rows(x, dtype)
+        got = head(x, 2)
+        want = head.out(F.gelu(head.fc(head.norm(x)) + (head.step_bias.weight[2] if step_bias else 0)))
+        want = F.softplus(want).squeeze(-1)  # the same ops, one by one
+    assert_like_torch(got, want)
+
+
+@needs_kernel
+def test_exit_scores_refuses_what_does_not_fit():
+    x, norm, fc, fc_b, out, out_b = (torch.randn(2, 8), torch.ones(8), torch.randn(4, 8), torch.randn(4),
+                                     torch.randn(1, 4), torch.randn(1))
+    with pytest.raises(ValueError, match="do not fit"):
+        exit_scores(x, norm, 1e-5, torch.randn(4, 7), fc_b, None, out, out_b)
+    with pytest.raises(ValueError, match="do not fit"):
+        exit_scores(x, norm, 1e-5, fc, fc_b, torch.randn(3), out, out_b)
+    with pytest.raises(ValueError, match="do not fit"):
+        exit_scores(x.bfloat16(), norm, 1e-5, fc, fc_b, None, out, out_b)
+    with pytest.raises(ValueError, match="past the kernel"):
+        exit_scores(torch.randn(1, 9000), torch.ones(9000), 1e-5, torch.randn(1, 9000), torch.randn(1), None,
+                    torch.randn(1, 1), torch.randn(1))
