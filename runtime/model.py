@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from runtime.config import ModelConfig
 from runtime.layers import Block, Linear, RMSNorm, rope_tables
-from runtime.norm_act import exit_scores, native_rows
+from runtime.norm_act import EXIT_HEAD_MAX_ROWS, exit_scores, native_rows
 
 
 @dataclass
@@ -67,7 +67,8 @@ class ExitHead(nn.Module):
         self.out = Linear(cfg.exit_hidden, 1)
 
     def forward(self, x: Tensor, s: int) -> Tensor:
-        if native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype:  # one call on CPU
+        if (native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype
+                and x.numel() <= EXIT_HEAD_MAX_ROWS * x.shape[-1]):  # one call on CPU, for few rows
             step_bias = None if self.step_bias is None else self.step_bias.weight[s]
             return exit_scores(x, self.norm.weight, self.norm.eps, self.fc.weight, self.fc.bias, step_bias,
                                self.out.weight, self.out.bias)

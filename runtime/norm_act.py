@@ -51,6 +51,12 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 
+# The exit head's kernel runs one GEMV per row: against torch's two small GEMMs it won at 1-8 rows
+# (32 against 86 us at 1 row, bf16, 2 threads, one AMX CPU), tied at 16 and lost at 300 (742 against
+# 227 us). So decode steps take it and prompt-sized calls keep torch's ops.
+EXIT_HEAD_MAX_ROWS = 16
+
+
 def exit_scores(x: Tensor, norm_weight: Tensor, eps: float, fc_weight: Tensor, fc_bias: Tensor,
                 step_bias: Tensor | None, out_weight: Tensor, out_bias: Tensor) -> Tensor:
     """softplus(out(gelu(fc(rms_norm(x)) + step_bias))) for rows x (..., d): the exit head's scores (...),

@@ -100,7 +100,7 @@ def test_layers_take_the_kernels_at_inference_only():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 8, 100])  # 100 rows run on several threads
+@pytest.mark.parametrize("n", [1, 8, 100])  # 100 rows: torch's ops in the module (EXIT_HEAD_MAX_ROWS)
 @pytest.mark.parametrize("step_bias", [False, True])
 def test_exit_head_scores_are_torchs(dtype, n, step_bias):
     cfg = ModelConfig(d_model=48, n_heads=4, n_kv_heads=2, vocab_size=64, exit_hidden=16, max_depth=4,
@@ -114,9 +114,12 @@ def test_exit_head_scores_are_torchs(dtype, n, step_bias):
     with torch.inference_mode():
         assert native_rows(x, dtype)
         got = head(x, 2)
+        direct = exit_scores(x, head.norm.weight, head.norm.eps, head.fc.weight, head.fc.bias,
+                             head.step_bias.weight[2] if step_bias else None, head.out.weight, head.out.bias)
         want = head.out(F.gelu(head.fc(head.norm(x)) + (head.step_bias.weight[2] if step_bias else 0)))
         want = F.softplus(want).squeeze(-1)  # the same ops, one by one
     assert_like_torch(got, want)
+    assert_like_torch(direct, want)  # the kernel itself, threaded at 100 rows
 
 
 @needs_kernel
