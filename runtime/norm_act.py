@@ -1,9 +1,9 @@
 """RMSNorm and SwiGLU's activation as one native pass each (csrc/norm_act.c), and the exit head's
 score as one call (csrc/exit_head.c), for CPU inference.
 
-`runtime.layers.RMSNorm` and `SwiGLU`, and `runtime.model.ExitHead`, take these where `native_rows` says they run: a CPU tensor of
-the norm weight's dtype (fp32 or bf16), no autograd, no tracing or export, and a built library
-(runtime/native.py). Elsewhere they keep torch's ops. The results follow torch's rounding op for op;
+`runtime.layers.RMSNorm` and `SwiGLU`, and `runtime.model.ExitHead`, take these where `native_rows`
+says they run: a CPU tensor of the weights' dtype (fp32 or bf16), no autograd, no tracing or export,
+and a built library (runtime/native.py). Elsewhere they keep torch's ops. The results follow torch's rounding op for op;
 see the C source for where the last bit may differ.
 """
 
@@ -25,7 +25,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     """RMSNorm of the rows of h = x (+ residual, rounded as torch's add) over the last dim, scaled by
     weight. Returns (h, the norm of h)."""
     d = x.shape[-1]
-    if weight.shape != (d,) or weight.dtype != x.dtype or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype)):
+    bad_residual = residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype)
+    if weight.shape != (d,) or weight.dtype != x.dtype or bad_residual:
         raise ValueError(f"rms_norm: rows {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
                          + ("" if residual is None else f", residual {tuple(residual.shape)}") + " do not fit")
     x, weight = x.contiguous(), weight.contiguous()
