@@ -3,17 +3,18 @@
 torch's CPU SDPA (a flash kernel) is fast in fp32, but in bf16 it can be several times slower than
 in fp32: on one AVX-512 CPU, 16 decode rows over 1024 keys took 7.4 ms in bf16 against 1.2 ms in
 fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two more kernels:
-  - sdpa_fp32: SDPA on fp32 copies of q, k and v (decode rows, and chunks after cached context);
+  - sdpa_fp32: SDPA on fp32 copies of q, k and v;
   - grouped: batched GEMMs in the input dtype, the query heads that share a KV head as the rows
     of one matmul over that head's keys (a 1024-token causal prompt in bf16: 4.8 ms; 16 decode rows
     over 1024 keys: 0.8 ms). oneDNN builds and keeps a kernel per GEMM shape (~0.8 MB each), so the
-    shapes are bucketed: a prompt runs 128 queries at a time, queries and keys padded to multiples
-    of 128; a decode step pads its sequences to a power of two and its keys to a multiple of 256,
-    masked. Chunks after cached context (any length over any context) never take it. The engine
-    core runs every bucket once at start-up (`warm_up_attention`);
+    shapes are bucketed: a prompt, or a chunk after cached context, runs 128 queries at a time in
+    blocks aligned to absolute positions, queries and keys padded to whole blocks; a decode step
+    pads its sequences to a power of two and its keys to a multiple of 256, masked. Masked rows (a
+    subset of a chunk's) never take it. The engine core runs every bucket once at start-up
+    (`warm_up_attention`);
   - paged (decode only, fp32 and bf16): a C kernel that reads the paged cache in place, with no
     gather or padding (runtime/paged_attention.py), where the host can build it.
-On CPU the engine times the candidates once per case (decode; prompt; chunk), dtype, head shape
+On CPU the engine times the candidates once per case (decode; prompt; chunk; masked), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. The
 paged kernel is timed on a cache holding the same keys; the others on gathered keys, plus the time of
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime import paged_attention
+from runtime import native, paged_attention
 from runtime.layers import best_of
+from runtime.norm_act import native_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,11 @@ def attention_kernel_choices() -> list[dict]:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """q (R, H, M, D) over k, v (R, Hkv, L, D). mask (R, M, L), True where a query sees a key (for one
-    query row per sequence, M == 1, the keys it sees are a prefix); or causal: M == L, the chunk runs
-    from position 0. Returns (R, H, M, D)."""
+    query row per sequence, M == 1, the keys it sees are a prefix); or causal: the queries are the last
+    M of the L positions, each over the keys up to itself (M == L: a prompt from position 0; M < L: a
+    chunk after L - M cached positions). Returns (R, H, M, D)."""
+    if causal and mask is not None:
+        raise ValueError("attend takes a mask or causal, not both")
     return _run(_kernel(q, k.shape[1], k.shape[2], causal), q, k, v, mask, causal)
 
 
@@ -73,6 +78,9 @@ def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    M, L = q.shape[2], k.shape[2]
+    if causal and M < L:  # SDPA's causal mask is aligned top left; a chunk's is bottom right
+        mask, causal = (torch.arange(L, device=q.device) <= torch.arange(L - M, L, device=q.device)[:, None])[None], False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                           is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -103,29 +111,49 @@ def grouped_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of R chunks from position 0 (M == L) as batched GEMMs: per KV head, its query
-    heads' rows against its keys, CAUSAL_BLOCK queries at a time over the keys up to the block's
-    end. Queries and keys are padded to a multiple of CAUSAL_BLOCK (padded keys sit past every real
-    query, so the causal mask hides them), and R runs as powers of two, so every GEMM has one of
-    few shapes."""
+    """Causal attention of R chunks whose M queries are the last M of the L keys' positions (a prompt
+    from position 0: M == L; a chunk after L - M cached positions) as batched GEMMs: per KV head,
+    its query heads' rows against its keys, CAUSAL_BLOCK queries at a time over the keys up to the
+    block's end, the blocks aligned to absolute positions. Queries are padded to whole blocks
+    (before the first and after the last) and keys to the last block's end (padded keys sit past
+    every real query, so the causal mask hides them), and R runs as powers of two, so every GEMM has
+    one of few shapes: a chunk after context runs the same shapes as a prompt."""
     R, H, M, D = q.shape
     if R & (R - 1):  # several prompts: as groups of a power of two (bounded shapes, no padded prompts)
         top = 1 << (R.bit_length() - 1)
         return torch.cat([grouped_attention(q[:top], k[:top], v[:top]), grouped_attention(q[top:], k[top:], v[top:])])
-    Hkv, g = k.shape[1], H // k.shape[1]
-    B, pad = CAUSAL_BLOCK, -M % CAUSAL_BLOCK
-    q = F.pad(q, (0, 0, 0, pad)).reshape(R, Hkv, g, M + pad, D) * (1 / math.sqrt(D))  # fewer elements than the scores
-    k, v = _padded(k, R, M + pad), _padded(v, R, M + pad)
-    future = torch.full((B, B), -math.inf, dtype=q.dtype, device=q.device).triu(1)  # added: 2x a masked_fill in bf16
+    Hkv, g, L = k.shape[1], H // k.shape[1], k.shape[2]
+    B, start = CAUSAL_BLOCK, L - M
+    first, end = start - start % B, L + -L % B  # the blocks the queries fall in, in absolute positions
+    q = F.pad(q, (0, 0, start - first, end - L)).reshape(R, Hkv, g, end - first, D) * (1 / math.sqrt(D))
+    k, v = _padded(k, R, end), _padded(v, R, end)
+    fused = native_rows(q, q.dtype)  # the causal mask and softmax in one native pass
+    future = None if fused else torch.full((B, B), -math.inf, dtype=q.dtype, device=q.device).triu(1)
     out = []
-    for s in range(0, M + pad, B):
-        e = s + B
-        scores = torch.matmul(q[:, :, :, s:e].reshape(R, Hkv, g * B, D), k[:, :, :e].transpose(-1, -2))
-        scores = scores.view(R, Hkv, g, B, e)
-        scores[..., s:] += future
-        p = scores.softmax(-1).view(R, Hkv, g * B, e)  # CPU softmax accumulates bf16 in fp32
+    for s in range(first, end, B):
+        e, i = s + B, s - first
+        scores = torch.matmul(q[:, :, :, i : i + B].reshape(R, Hkv, g * B, D), k[:, :, :e].transpose(-1, -2))
+        if fused:
+            p = causal_softmax_(scores, B, s)
+        else:
+            scores.view(R, Hkv, g, B, e)[..., s:] += future  # added: 2x a masked_fill in bf16
+            p = scores.softmax(-1)  # CPU softmax accumulates bf16 in fp32
         out.append(torch.matmul(p, v[:, :, :e]).view(R, Hkv, g, B, D))
-    return torch.cat(out, 3)[:, :, :, :M].reshape(R, H, M, D)
+    return torch.cat(out, 3)[:, :, :, start - first : start - first + M].reshape(R, H, M, D)
+
+
+def causal_softmax_(scores: Tensor, block: int, first: int) -> Tensor:
+    """Softmax over the last dim of scores (..., rows, keys), in place, where row r is query r % block
+    of a block whose first query sits at position `first` and sees the keys up to its own position
+    (those after it get 0). Native (csrc/causal_softmax.c): call where `native_rows` says it runs."""
+    if not scores.is_contiguous() or scores.shape[-2] % block or scores.shape[-1] <= first:
+        raise ValueError(f"causal_softmax_: scores {tuple(scores.shape)} (contiguous: {scores.is_contiguous()}) "
+                         f"are not whole blocks of {block} queries from position {first}")
+    rows, cols = scores.numel() // scores.shape[-1], scores.shape[-1]
+    if native.kernel("causal_softmax", scores.dtype)(scores.data_ptr(), rows, cols, block, first,
+                                                      torch.get_num_threads()) != 0:
+        raise MemoryError(f"causal_softmax_: no memory for a row buffer of {cols} floats")
+    return scores
 
 
 def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: int, max_len: int,
@@ -161,9 +189,16 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
                     grouped_attention(q, k, k)
                     calls += 1
             R *= 2
-        # and the choice for chunks after cached context (chunked prefill), which would otherwise be
-        # measured under the first traffic that has one
-        _kernel(torch.zeros(1, H, 2, D, dtype=dtype), Hkv, max_len, causal=False)
+        # and the choices for chunks after cached context (chunked prefill) and for masked rows (a
+        # subset of a chunk's), which would otherwise be measured under the first traffic that has
+        # one; a grouped chunk runs a prompt's GEMM shapes, over keys up to max_len
+        chunk = torch.zeros(1, H, 2, D, dtype=dtype)
+        if "grouped" in (_kernel(chunk, Hkv, 2 * CAUSAL_BLOCK, causal=True), _kernel(chunk, Hkv, max_len, causal=True)):
+            T = -(-max_len // B) * B
+            k = torch.zeros(1, T, Hkv, D, dtype=dtype).transpose(1, 2)
+            grouped_attention(torch.zeros(1, H, T, D, dtype=dtype), k, k)
+            calls += 1
+        _kernel(chunk, Hkv, max_len, causal=False)
     return calls
 
 
@@ -171,9 +206,10 @@ def _kernel(q: Tensor, num_kv_heads: int, num_keys: int, causal: bool) -> str:
     """The kernel for queries q (R, H, M, D) over num_keys keys of num_kv_heads heads."""
     if q.device.type != "cpu":
         return "sdpa"
-    case = "prompt" if causal else "decode" if q.shape[2] == 1 else "chunk"
+    M = q.shape[2]
+    case = ("prompt" if M == num_keys else "chunk") if causal else "decode" if M == 1 else "masked"
     if _mode != "auto":
-        takes = {"grouped": ("prompt", "decode"), "paged": ("decode",)}.get(_mode, (case,))
+        takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",)}.get(_mode, (case,))
         if _mode == "paged" and not paged_attention.available(q.dtype, q.device):
             raise RuntimeError("the paged attention kernel is not built here (see the log), or not for this dtype")
         return _mode if case in takes else "sdpa"
@@ -186,18 +222,18 @@ def _kernel(q: Tensor, num_kv_heads: int, num_keys: int, causal: bool) -> str:
 def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tuple]:
     """`attend` arguments of the case at a short and a long context (16 decode rows over 128 and
     1024 keys; one prompt of 256 and of 1024 tokens; a 64-token chunk after 448 and 960 cached
-    tokens); which kernel wins can change between them."""
+    tokens, causal, or masked as a subset of a chunk's rows); which kernel wins can change between them."""
     out = []
     for L in (128, 1024) if case == "decode" else (256, 1024) if case == "prompt" else (512, 1024):
-        R, M = {"decode": (16, 1), "prompt": (1, L), "chunk": (1, 64)}[case]
+        R, M = {"decode": (16, 1), "prompt": (1, L), "chunk": (1, 64), "masked": (1, 64)}[case]
         q = torch.randn(R, H, M, D, dtype=dtype)
         k, v = (torch.randn(R, L, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))  # as the paged cache gathers
         mask = None  # a prompt is causal
         if case == "decode":  # sequences of 3/4 L to L keys
             mask = (torch.arange(L)[None, :] < torch.linspace(L * 3 // 4, L, R)[:, None])[:, None]
-        elif case == "chunk":  # the last M positions, each over the keys up to itself
+        elif case == "masked":  # the last M positions, each over the keys up to itself
             mask = (torch.arange(L)[None, :] <= torch.arange(L - M, L)[:, None])[None]
-        out.append((q, k, v, mask, case == "prompt"))
+        out.append((q, k, v, mask, case in ("prompt", "chunk")))
     return out
 
 
@@ -205,7 +241,7 @@ def _candidates(case: str, dtype: torch.dtype) -> list[str]:
     """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, SDPA on
     fp32 copies where the input is not fp32 already, and the paged kernel for decode where it is built."""
     paged = case == "decode" and paged_attention.available(dtype, torch.device("cpu"))
-    return (["grouped"] if case != "chunk" else []) + (["sdpa_fp32"] if dtype != torch.float32 else []) + \
+    return (["grouped"] if case != "masked" else []) + (["sdpa_fp32"] if dtype != torch.float32 else []) + \
         (["paged"] if paged else [])
 
 

@@ -472,7 +472,8 @@ class Executor:
             (`CAUSAL_BLOCK` multiples): a shorter prompt's padded keys sit past all of its real
             queries, so the causal mask hides them, and its padded queries are dropped;
           - single rows (decode rows of a mixed step) in one call, each over the keys up to itself;
-          - any other chunk (after cached context, or a subset of its rows) in its own masked call."""
+          - a whole chunk after cached context in its own causal call (its queries the last of the keys);
+          - a subset of a chunk's rows in its own masked call."""
         bs = self.cache.block_size
         present, counts = torch.unique_consecutive(batch.seq[rows], return_counts=True)  # rows of a sequence are contiguous
         pieces: list[Tensor | None] = []
@@ -485,12 +486,15 @@ class Executor:
                 singles.append((len(pieces), at))
             elif n == batch.lengths[i] and batch.starts[i] == 0:  # a whole prompt: causal from the top left
                 prompts.setdefault(-(-n // CAUSAL_BLOCK), []).append((len(pieces), at, n))
-            else:
+            else:  # all of a chunk after cached context (causal), or a subset of a chunk's rows (masked)
                 k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
                 k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
-                key_pos = torch.arange(ctx, device=self.device)
-                mask = key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]
-                pieces.append(attend(q[at : at + n].transpose(0, 1)[None], k, v, mask)[0].transpose(0, 1))
+                mask = None
+                if n < batch.lengths[i]:
+                    key_pos = torch.arange(ctx, device=self.device)
+                    mask = key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]
+                q_seq = q[at : at + n].transpose(0, 1)[None]
+                pieces.append(attend(q_seq, k, v, mask, causal=mask is None)[0].transpose(0, 1))
                 at += n
                 continue
             pieces.append(None)

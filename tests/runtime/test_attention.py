@@ -1,14 +1,18 @@
 """The CPU attention kernels give SDPA's outputs in every case the engine runs (a padded decode step,
-a chunk after cached context, a causal prompt over several blocks), and the auto mode measures and
-records its choice; grouped GEMMs run only a few GEMM shapes, whatever the batch."""
+a chunk after cached context, a subset of its rows, a causal prompt over several blocks), and the
+auto mode measures and records its choice; grouped GEMMs run only a few GEMM shapes, whatever the
+batch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime import attention
-from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices, grouped_attention, grouped_decode,
-                               set_attention_kernel, warm_up_attention)
+from runtime import attention, native
+from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices, causal_softmax_, grouped_attention,
+                               grouped_decode, set_attention_kernel, warm_up_attention)
+
+needs_kernel = pytest.mark.skipif(not native.available(torch.float32, torch.device("cpu")),
+                                  reason="no C compiler here: the native kernels are not built")
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +28,10 @@ def cache_layout(R, L, Hkv, D, dtype):
 
 
 def reference(q, k, v, mask, causal):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+    M, L = q.shape[2], k.shape[2]
+    if causal:  # the queries are the last M positions, each over the keys up to itself
+        mask = (torch.arange(L)[None, :] <= torch.arange(L - M, L)[:, None])[None]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                           attn_mask=None if mask is None else mask[:, None], enable_gqa=True)
 
 
@@ -40,6 +47,40 @@ def test_grouped_gemms_match_sdpa_on_causal_prompts(dtype, tol, H, Hkv):
                                    atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("inference", [False, True])  # torch's mask and softmax, and the native pass
+def test_grouped_gemms_match_sdpa_on_chunks_after_cached_context(dtype, tol, inference):
+    """Chunks whose queries start inside a block, on a block boundary, and span several blocks."""
+    torch.manual_seed(0)
+    B = CAUSAL_BLOCK
+    for start, M in [(0, 2 * B + 37), (3, 5), (B - 1, 1), (B, B), (100, 60), (2 * B + 17, B + 40)]:
+        q = torch.randn(2, 9, M, 16, dtype=dtype)
+        k, v = cache_layout(2, start + M, 3, 16, dtype), cache_layout(2, start + M, 3, 16, dtype)
+        with torch.inference_mode(inference):
+            out = grouped_attention(q, k, v)
+        torch.testing.assert_close(out.double(), reference(q, k, v, None, True), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [0, 5, 300])  # the block's first query position: keys past it are masked
+def test_native_causal_softmax_is_torchs_mask_and_softmax(dtype, first):
+    torch.manual_seed(first)
+    B, keys = 8, first + 8 + 3  # keys past the block's end too (a padded chunk's): masked for every query
+    scores = torch.randn(2, 3, 2 * B, keys, dtype=dtype) * 4  # two query heads of one KV head, B queries each
+    sees = torch.arange(keys) <= (first + torch.arange(2 * B) % B)[:, None]
+    want = scores.masked_fill(~sees, -torch.inf).softmax(-1)
+    got = causal_softmax_(scores.clone(), B, first)
+    assert got.dtype == dtype and not got[~sees.expand_as(got)].any()
+    if dtype == torch.bfloat16:  # exp one fp32 bit apart, rarely a bf16 step
+        assert (got != want).float().mean() < 1e-2
+        torch.testing.assert_close(got, want, atol=1e-30, rtol=2 ** -7)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        causal_softmax_(scores[..., :-1], B, first)
+
+
 @pytest.mark.parametrize("kernel", ["sdpa", "sdpa_fp32", "grouped", "paged"])
 def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     set_attention_kernel(kernel)
@@ -51,7 +92,9 @@ def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     torch.testing.assert_close(attend(q, k, v, mask).double(), reference(q, k, v, mask, False), atol=3e-2, rtol=3e-2)
     q = torch.randn(1, 9, 6, D, dtype=dtype)  # a chunk of 6 queries at positions 10..15 after cached context
     k, v = cache_layout(1, 16, 3, D, dtype), cache_layout(1, 16, 3, D, dtype)
-    mask = (torch.arange(16)[None, :] <= torch.arange(10, 16)[:, None])[None]
+    torch.testing.assert_close(attend(q, k, v, causal=True).double(), reference(q, k, v, None, True),
+                               atol=3e-2, rtol=3e-2)
+    mask = (torch.arange(16)[None, :] <= torch.tensor([3, 9, 10, 12, 14, 15])[:, None])[None]  # 6 of its rows
     torch.testing.assert_close(attend(q, k, v, mask).double(), reference(q, k, v, mask, False), atol=3e-2, rtol=3e-2)
     q = torch.randn(3, 9, 1, D, dtype=dtype)  # one token from position 0 (no mask)
     k, v = cache_layout(3, 1, 3, D, dtype), cache_layout(3, 1, 3, D, dtype)
@@ -90,7 +133,13 @@ def test_warm_up_makes_every_cases_choice_before_traffic():
     """Decode, prompt and chunk-after-context choices at start-up: none is measured under load."""
     set_attention_kernel("auto")  # forgets earlier choices
     warm_up_attention(4, 2, 8, torch.float32, max_seqs=2, max_len=64, max_prompt=64)
-    assert sorted(c["case"] for c in attention_kernel_choices()) == ["chunk", "decode", "prompt"]
+    assert sorted(c["case"] for c in attention_kernel_choices()) == ["chunk", "decode", "masked", "prompt"]
+
+
+def test_a_mask_and_causal_together_are_refused():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="a mask or causal, not both"):
+        attend(q, q, q, torch.ones(1, 3, 3, dtype=torch.bool), causal=True)
 
 
 def test_unknown_kernel_is_refused():
@@ -118,8 +167,9 @@ def test_grouped_gemms_run_few_shapes_whatever_the_batch():
             q = torch.randn(R, 9, 1, 8)
             grouped_decode(q, cache_layout(R, L, 3, 8, torch.float32), cache_layout(R, L, 3, 8, torch.float32), None)
     assert len(decode.seen) == 2 * 5  # QK and PV for (4, 256), (8, 512), (2, 256), (1, 512), (8, 256)
-    with GemmShapes() as prompt:  # any prompt up to 256 tokens: blocks ending at 128 or 256 keys
-        for T in (5, 100, 130, 250, 256):
+    with GemmShapes() as prompt:  # any prompt or chunk up to 256 positions: blocks ending at 128 or 256 keys
+        for start, T in [(0, 5), (0, 100), (0, 130), (0, 250), (0, 256), (90, 10), (100, 60), (129, 127)]:
             q = torch.randn(1, 9, T, 8)
-            grouped_attention(q, cache_layout(1, T, 3, 8, torch.float32), cache_layout(1, T, 3, 8, torch.float32))
+            k, v = (cache_layout(1, start + T, 3, 8, torch.float32) for _ in range(2))
+            grouped_attention(q, k, v)
     assert len(prompt.seen) == 2 * 2
