@@ -7,6 +7,7 @@ token where a KV slot entry comes from (the token's own block, a fill policy, or
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import weakref
@@ -32,17 +33,27 @@ log = logging.getLogger(__name__)
 # padded up to a bucket, so a server sees a few dozen row counts per weight shape, not one per
 # prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic).
 # The engine core builds them all at start-up (`warm_up_linears`).
+# Calls of a few rows (decode steps) must stream every weight from memory, and oneDNN's bf16 GEMM on
+# one row read them at a third of the memory's bandwidth on one Zen 4 CPU; a native kernel
+# (csrc/linear_rows.c) reads each weight once, in place. It is timed against the kernel above at
+# NATIVE_ROWS rows, and takes the calls of up to the largest of those counts at which it, and at
+# every smaller one, was 5% faster. A row's result can then depend on whether its call had more
+# rows than that (the kernels round alike but sum in other orders); `onednn` forced keeps every
+# call on one kernel.
 
-LINEAR_KERNELS = ("auto", "aten", "onednn")
+LINEAR_KERNELS = ("auto", "aten", "onednn", "native")
 PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, and a row's output does not
 #                 depend on the other rows of the call (batch invariance), which hint 1 breaks
+NATIVE_ROWS = (1, 4, 8, 16)  # the row counts the native kernel is timed at; forced, it takes calls up to the last
 _mode = os.environ.get("PONDER_CPU_LINEAR", "auto")
-_choices: dict[tuple, dict] = {}  # (shape, dtype, threads) -> {"kernel", "aten_us", "onednn_us"}
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> (weight key, packed weight | None)
+_choices: dict[tuple, dict] = {}  # (shape, dtype, threads) -> {"kernel", "aten_us", "onednn_us", "native_rows", ...}
+# Linear -> (weight key, packed weight | None, the most rows a call may have to take the native kernel)
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def set_linear_kernel(mode: str) -> None:
-    """`auto` (measure, the default; env PONDER_CPU_LINEAR), or force `aten` or `onednn`."""
+    """`auto` (measure, the default; env PONDER_CPU_LINEAR), or force `aten`, `onednn`, or `native`
+    (calls of up to NATIVE_ROWS[-1] rows; larger ones take aten)."""
     global _mode
     if mode not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel {mode!r} must be one of {', '.join(LINEAR_KERNELS)}")
@@ -107,16 +118,45 @@ def best_of(fn, repeats: int = 5) -> float:
     return best
 
 
-def _choose(weight: Tensor, packed: Tensor) -> dict:
-    """Time aten and oneDNN on this weight at 1 and PACK_ROWS rows; oneDNN wins if 5% faster in sum."""
+def _native_takes(weight: Tensor) -> bool:
+    return native.available(weight.dtype, weight.device) and weight.is_contiguous()
+
+
+def _native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., K) times weight (N, K) transposed, plus bias, by csrc/linear_rows.c."""
+    K, N = weight.shape[1], weight.shape[0]
+    if x.shape[-1] != K or (bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype)):
+        raise ValueError(f"linear_rows: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
+    x = x if x.is_contiguous() else x.contiguous()  # no op where it is: a decode step makes 4 calls a layer
+    out = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+    native.kernel("linear_rows", x.dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                          out.data_ptr(), x.numel() // K if K else 0, K, N, torch.get_num_threads())
+    return out
+
+
+def _choose(weight: Tensor, packed: Tensor | None) -> dict:
+    """Time aten and oneDNN (where packed) on this weight at 1 and PACK_ROWS rows; oneDNN wins if 5%
+    faster in sum. Then the winner against the native kernel at NATIVE_ROWS rows."""
     xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in (1, PACK_ROWS)]
     aten = sum(best_of(lambda x=x: F.linear(x, weight)) for x in xs)
-    onednn = sum(best_of(lambda x=x: _onednn(x, packed, None)) for x in xs)
+    onednn = sum(best_of(lambda x=x: _onednn(x, packed, None)) for x in xs) if packed is not None else math.inf
     kernel = "onednn" if onednn < 0.95 * aten else "aten"
-    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %.0f us -> %s", tuple(weight.shape),
-             weight.dtype, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), aten * 1e6, onednn * 1e6,
-             kernel)
-    return {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": onednn * 1e6}
+    choice = {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": onednn * 1e6, "native_rows": 0}
+    if _native_takes(weight):
+        other = (lambda x: _onednn(x, packed, None)) if kernel == "onednn" else (lambda x: F.linear(x, weight))
+        xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in NATIVE_ROWS]
+        mine = [best_of(lambda x=x: _native(x, weight, None)) for x in xs]
+        theirs = [best_of(lambda x=x: other(x)) for x in xs]
+        for rows, a, b in zip(NATIVE_ROWS, mine, theirs):
+            if a >= 0.95 * b:
+                break
+            choice["native_rows"] = rows
+        choice |= {"native_us": [t * 1e6 for t in mine], f"{kernel}_us_at_native_rows": [t * 1e6 for t in theirs]}
+    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %.0f us -> %s; native on calls of up to "
+             "%d rows", tuple(weight.shape), weight.dtype, torch.get_num_threads(),
+             torch.backends.cpu.get_cpu_capability(), aten * 1e6, onednn * 1e6, kernel, choice["native_rows"])
+    return choice
 
 
 def _version(t: Tensor) -> int:
@@ -126,23 +166,27 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _packed_weight(linear: nn.Linear) -> Tensor | None:
-    """The prepacked weight if oneDNN is this weight's kernel, repacked whenever the weight changed."""
+def _kernels(linear: nn.Linear) -> tuple[Tensor | None, int]:
+    """(the prepacked weight if oneDNN is this weight's kernel, the most rows a call may have to take the
+    native kernel instead), measured once per weight shape and repacked whenever the weight changed."""
     w = linear.weight
     key = (w.data_ptr(), _version(w), w.dtype, tuple(w.shape))
     entry = _packed.get(linear)
     if entry is not None and entry[0] == key:
-        return entry[1]
-    packed = None
-    if _mode != "aten" and onednn_candidate(w.dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+        return entry[1], entry[2]
+    packed, native_rows = None, 0
+    if _mode == "native":
+        native_rows = NATIVE_ROWS[-1] if _native_takes(w) else 0
+    elif _mode != "aten" and (onednn_candidate(w.dtype) or (_mode == "auto" and _native_takes(w))):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS) if onednn_candidate(w.dtype) else None
         if _mode == "auto":
             shape = (tuple(w.shape), w.dtype, torch.get_num_threads())
             if shape not in _choices:
                 _choices[shape] = _choose(w.detach(), packed)
             packed = packed if _choices[shape]["kernel"] == "onednn" else None
-    _packed[linear] = (key, packed)
-    return packed
+            native_rows = _choices[shape]["native_rows"]
+    _packed[linear] = (key, packed, native_rows)
+    return packed, native_rows
 
 
 def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:
@@ -156,7 +200,7 @@ def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:
             w = linear.weight
             if w.device.type != "cpu" or (tuple(w.shape), w.dtype) in seen:
                 continue
-            if _packed_weight(linear) is None and w.dtype == torch.float32:  # MKL: no kernel per shape
+            if _kernels(linear)[0] is None and w.dtype == torch.float32:  # MKL: no kernel per shape
                 continue
             seen.add((tuple(w.shape), w.dtype))
             for rows in sorted({row_bucket(n) for n in range(1, max_rows + 1)}):
@@ -171,7 +215,9 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != self.weight.dtype or native.traced():
             return F.linear(x, self.weight, self.bias)
-        packed = _packed_weight(self)
+        packed, native_rows = _kernels(self)
+        if x.numel() <= native_rows * x.shape[-1]:
+            return _native(x, self.weight, self.bias)
         if packed is not None:
             return _onednn(x, packed, self.bias)
         if x.dtype == torch.float32:  # MKL

@@ -9,7 +9,8 @@
   - csrc/exit_head.c: the exit head's score in one call (norm_act.py: exit_scores), which
     runtime/model.py's ExitHead takes at inference on CPU;
   - csrc/causal_softmax.c: the causal mask and softmax of a block of attention scores in one pass
-    (runtime/attention.py: grouped_attention).
+    (runtime/attention.py: grouped_attention);
+  - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py).
 
 The library is compiled with the host's C compiler (`cc`, or $CC) and -march=native, so it vectorizes
 for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default ~/.cache/ponder/kernels) by a
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.c", "rope_cache.c", "norm_act.c", "exit_head.c",
-                                    "causal_softmax.c")]
+                                    "causal_softmax.c", "linear_rows.c")]
 # OpenMP binds to the libgomp torch has loaded (same soname); the kernels' exp is their own, vectorized.
 # -fno-trapping-math: no code reads floating-point exception flags, and with them kept gcc vectorizes
 # no loop with a floor or a select of products (silu_mul ran scalar, 5-9x slower than torch). It
@@ -56,6 +57,7 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes)
     "silu_mul": (None, [_p] * 2 + [_i64, _i, _i]),
     "exit_scores": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _i, _i, _i]),
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
+    "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
 }
 
 

@@ -1,14 +1,17 @@
-"""The CPU linear kernel choice: oneDNN prepacked or aten, measured per weight shape; the same
-results either way (fp32 tolerance), repacked when a weight changes, never under autograd."""
+"""The CPU linear kernel choice: oneDNN prepacked or aten, measured per weight shape, and the native
+kernel for calls of a few rows; the same results either way (fp32 tolerance; bf16: one rounding of
+an fp32 sum), repacked when a weight changes, never under autograd."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime import layers
-from runtime.layers import Linear, linear_kernel_choices, onednn_candidate, row_bucket, set_linear_kernel
+from runtime import layers, native
+from runtime.layers import NATIVE_ROWS, Linear, linear_kernel_choices, onednn_candidate, row_bucket, set_linear_kernel
 
 needs_onednn = pytest.mark.skipif(not onednn_candidate(torch.float32), reason="no oneDNN prepacked linears on this CPU")
+needs_kernel = pytest.mark.skipif(not native.available(torch.float32, torch.device("cpu")),
+                                  reason="no C compiler here: the native kernels are not built")
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +21,12 @@ def restore_mode():
     set_linear_kernel(mode)
 
 
-@pytest.mark.parametrize("mode", ["auto", "aten", "onednn"])
+@pytest.mark.parametrize("mode", ["auto", "aten", "onednn", "native"])
 def test_every_kernel_matches_f_linear(mode):
     if mode == "onednn" and not onednn_candidate(torch.float32):
         pytest.skip("no oneDNN prepacked linears on this CPU")
+    if mode == "native" and not native.available(torch.float32, torch.device("cpu")):
+        pytest.skip("no C compiler here: the native kernels are not built")
     set_linear_kernel(mode)
     torch.manual_seed(0)
     lin = Linear(96, 160, bias=True)
@@ -45,6 +50,49 @@ def test_prepacked_rows_do_not_depend_on_the_other_rows():
     with torch.inference_mode():
         full = lin(x)
         assert all(torch.equal(lin(x[:m])[0], full[0]) for m in (1, 2, 7, 16, 33))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K, N", [(576, 960), (45, 7), (100, 130)])  # K past whole 32-element steps, N past tiles
+def test_native_rows_are_one_rounding_of_the_exact_sum_and_do_not_depend_on_the_other_rows(dtype, K, N):
+    set_linear_kernel("native")
+    torch.manual_seed(K)
+    lin = Linear(K, N, bias=True).to(dtype)
+    x = torch.randn(NATIVE_ROWS[-1], K, dtype=dtype)
+    with torch.inference_mode():
+        full = lin(x)
+        assert all(torch.equal(lin(x[:m]), full[:m]) for m in (1, 2, 3, 5, 7))  # rows in groups of 4, any count
+        assert torch.equal(lin(x[None, 2:4]), full[None, 2:4])  # leading dims kept
+    exact = (x.double() @ lin.weight.double().T + lin.bias.double())
+    if dtype == torch.bfloat16:  # fp32 sums, one rounding to bf16
+        torch.testing.assert_close(full.double(), exact, rtol=2 ** -7, atol=1e-3)
+    else:
+        torch.testing.assert_close(full.double(), exact, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # more rows than the native kernel takes: aten, the same sums to tolerance
+        torch.testing.assert_close(lin(torch.cat([x, x])).double()[:len(x)], full.double(), rtol=2 ** -7, atol=1e-2)
+
+
+@needs_kernel
+def test_auto_takes_native_only_up_to_the_rows_where_it_won():
+    set_linear_kernel("auto")
+    lin = Linear(576, 960, bias=False).to(torch.bfloat16)
+    with torch.inference_mode():
+        lin(torch.randn(1, 576, dtype=torch.bfloat16))
+    (choice,) = [c for c in linear_kernel_choices() if c["shape"] == [960, 576] and c["dtype"] == "torch.bfloat16"]
+    other = choice[f"{choice['kernel']}_us_at_native_rows"]
+    won = [mine < 0.95 * theirs for mine, theirs in zip(choice["native_us"], other)]
+    assert choice["native_rows"] == ([0, *NATIVE_ROWS][won.index(False)] if False in won else NATIVE_ROWS[-1])
+    calls = []
+    real = layers._native
+    layers._native = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    try:
+        with torch.inference_mode():
+            for rows in (1, 4, 16, 40):
+                lin(torch.randn(rows, 576, dtype=torch.bfloat16))
+    finally:
+        layers._native = real
+    assert calls == [r for r in (1, 4, 16, 40) if r <= choice["native_rows"]]
 
 
 def test_row_buckets_are_few_and_never_fewer_rows():
@@ -105,5 +153,5 @@ def test_auto_measures_each_shape_once_and_says_what_it_chose():
 
 
 def test_an_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match="must be one of auto, aten, onednn"):
+    with pytest.raises(ValueError, match="must be one of auto, aten, onednn, native"):
         set_linear_kernel("mkl")
