@@ -25,7 +25,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 #define OUTS 4 /* weight rows per tile */
-#define ROWS 4 /* rows of x multiplied per pass over a tile */
+#define ROWS 6 /* rows of x multiplied per pass over a tile: 24 accumulators, 4 weights and a row in 32 registers */
 #define AHEAD 2 /* tiles ahead that the first pass over a tile prefetches */
 
 /* Portable: outs (<= OUTS) outputs of rows (<= ROWS) rows of x, from weight rows w. */
@@ -41,6 +41,17 @@ INLINE void tile_portable(const void *x, int64_t r0, int rows, const void *w, in
 }
 
 #ifdef HAVE_DPBF16
+/* The sums of the 16 lanes of a, b, c and d, as one add tree for the four (a fixed order). */
+INLINE __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 /* R rows (a constant, so the accumulators stay in registers) by OUTS outputs, 32 bf16 of K at a time;
  * ahead: the weight bytes to prefetch, 256 a step, or null. */
 INLINE void tile_dpbf16(const uint16_t *x, int64_t r0, const uint16_t *w, int64_t o0, int K, float acc[ROWS][OUTS],
@@ -59,8 +70,7 @@ INLINE void tile_dpbf16(const uint16_t *x, int64_t r0, const uint16_t *w, int64_
             for (int o = 0; o < OUTS; o++) sum[r][o] = _mm512_dpbf16_ps(sum[r][o], xv, (__m512bh)wv[o]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int o = 0; o < OUTS; o++) acc[r][o] = _mm512_reduce_add_ps(sum[r][o]);
+    for (int r = 0; r < R; r++) _mm_storeu_ps(acc[r], sum4(sum[r][0], sum[r][1], sum[r][2], sum[r][3]));
 }
 #endif
 
@@ -85,7 +95,9 @@ INLINE void linear_tile(const void *x, const void *w, const void *bias, void *ou
                 case 1: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 1); break;
                 case 2: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 2); break;
                 case 3: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 3); break;
-                default: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 4); break;
+                case 4: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 4); break;
+                case 5: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 5); break;
+                default: tile_dpbf16(x, r0, w, o0, K, acc, ahead, 6); break;
             }
             store_tile(out, r0, rows, o0, outs, N, bias, acc, bf16);
             continue;
