@@ -25,6 +25,11 @@ from torch import Tensor
 
 from runtime import paged_attention
 from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, warm_up_attention
+
+# A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
+# are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
+# Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries.
+PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -472,6 +477,9 @@ class Executor:
             (`CAUSAL_BLOCK` multiples): a shorter prompt's padded keys sit past all of its real
             queries, so the causal mask hides them, and its padded queries are dropped;
           - single rows (decode rows of a mixed step) in one call, each over the keys up to itself;
+            where that call reads the cache in place (`paged_decode`), a prompt's last rows past its
+            whole blocks join it too, when they are at most PROMPT_TAIL_ROWS: a 134-token prompt
+            then runs one causal block and 6 single rows, not a second block of 128 padded queries;
           - a whole chunk after cached context in its own causal call (its queries the last of the keys);
           - a subset of a chunk's rows in its own masked call."""
         bs = self.cache.block_size
@@ -479,13 +487,23 @@ class Executor:
         pieces: list[Tensor | None] = []
         prompts: dict[int, list[tuple[int, int, int]]] = {}  # length bucket -> (piece, rows start, rows)
         singles: list[tuple[int, int]] = []  # (piece, row)
+        tails = self._in_place(q, batch.tables.shape[1] * bs)  # prompt tails may join the single rows
         at = 0
         for i, n in zip(present.tolist(), counts.tolist()):
             ctx = batch.starts[i] + batch.lengths[i]
             if n == 1:
                 singles.append((len(pieces), at))
             elif n == batch.lengths[i] and batch.starts[i] == 0:  # a whole prompt: causal from the top left
-                prompts.setdefault(-(-n // CAUSAL_BLOCK), []).append((len(pieces), at, n))
+                whole, tail = n - n % CAUSAL_BLOCK, n % CAUSAL_BLOCK
+                if not (tails and whole and tail <= PROMPT_TAIL_ROWS):
+                    whole, tail = n, 0
+                prompts.setdefault(-(-whole // CAUSAL_BLOCK), []).append((len(pieces), at, whole))
+                pieces.append(None)
+                for j in range(whole, n):
+                    singles.append((len(pieces), at + j))
+                    pieces.append(None)
+                at += n
+                continue
             else:  # all of a chunk after cached context (causal), or a subset of a chunk's rows (masked)
                 k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
                 k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)

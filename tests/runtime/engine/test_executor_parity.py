@@ -136,6 +136,34 @@ def test_a_mixed_step_attends_in_one_call_per_prompt_bucket_and_one_for_single_r
         torch.testing.assert_close(out.logits, executor.run([seq], all_logits=True)[0].logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention_kernel", ["paged"], indirect=True)
+def test_a_prompts_last_rows_past_its_blocks_attend_as_single_rows_and_match_the_reference(monkeypatch,
+                                                                                          attention_kernel):
+    """With single rows on the cache in place, a 134-token prompt runs one causal block and its last 6
+    rows among the single rows (a 200-token prompt, 72 past its block, keeps a padded second block);
+    the logits stay the reference forward's."""
+    from runtime.engine import executor as executor_module
+
+    torch.manual_seed(5)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=2, max_depth=2, max_seq_len=512)).eval()
+    cache = PagedKVCache(model.cfg, num_blocks=200, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    executor = Executor(model, cache)
+    free = list(range(200))
+    random.Random(1).shuffle(free)
+    prompts = [[(5 + 7 * j) % 60 for j in range(n)] for n in (134, 200, 9)]
+    tables = [[free.pop() for _ in range(-(-len(p) // BLOCK))] for p in prompts]
+    calls = []
+    attend = executor_module.attend
+    monkeypatch.setattr(executor_module, "attend", lambda q, *a, **k: calls.append(q.shape[2]) or attend(q, *a, **k))
+    outs = executor.run([SeqInput(p, 0, t) for p, t in zip(prompts, tables)], all_logits=True)
+    layers = model.cfg.n_prelude + model.cfg.max_depth + model.cfg.n_coda
+    assert sorted(calls[:2]) == [128, 200] and len(calls) == 2 * layers  # buckets (128 + 9; 200), tails in place
+    with torch.no_grad():
+        for p, out in zip(prompts, outs):
+            ref = model(torch.tensor([p]), ExitSpec(depths=torch.full((1, len(p)), model.cfg.max_depth)))
+            torch.testing.assert_close(out.logits, ref.logits[0], rtol=1e-4, atol=1e-5)
+
+
 def test_a_step_no_row_needs_makes_no_block_call():
     torch.manual_seed(3)
     model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval()
