@@ -80,7 +80,8 @@ def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     M, L = q.shape[2], k.shape[2]
     if causal and M < L:  # SDPA's causal mask is aligned top left; a chunk's is bottom right
-        mask, causal = (torch.arange(L, device=q.device) <= torch.arange(L - M, L, device=q.device)[:, None])[None], False
+        key_pos, query_pos = torch.arange(L, device=q.device), torch.arange(L - M, L, device=q.device)
+        mask, causal = (key_pos <= query_pos[:, None])[None], False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                           is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 

@@ -35,7 +35,8 @@ INLINE void tile_portable(const void *x, int64_t r0, int rows, const void *w, in
         for (int o = 0; o < outs; o++) {
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int k = 0; k < K; k++) s += load_elem(x, (r0 + r) * K + k, bf16) * load_elem(w, (o0 + o) * K + k, bf16);
+            for (int k = 0; k < K; k++)
+                s += load_elem(x, (r0 + r) * K + k, bf16) * load_elem(w, (o0 + o) * K + k, bf16);
             acc[r][o] = s;
         }
 }

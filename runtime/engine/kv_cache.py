@@ -20,6 +20,7 @@ class PagedKVCache:
         shape = (self.num_slots, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)  # (slot, position, Hkv, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._slots = [(self.k[s], self.v[s]) for s in range(self.num_slots)]  # views, made once (2 ops a layer)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -53,7 +54,7 @@ class PagedKVCache:
 
     def in_place(self, slot: int) -> tuple[Tensor, Tensor]:
         """One slot's k, v as they are stored: (positions, Hkv, D), contiguous (for `paged_decode`)."""
-        return self.k[slot], self.v[slot]
+        return self._slots[slot]
 
     def gather(self, slot: int, tables: Tensor) -> tuple[Tensor, Tensor]:
         """tables: (R, W) block ids -> k, v: (R, Hkv, W * block_size, D), the blocks' positions in order.
