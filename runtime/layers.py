@@ -133,7 +133,7 @@ def _native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     x = x if x.is_contiguous() else x.contiguous()  # no op where it is: a decode step makes 4 calls a layer
     out = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
     native.kernel("linear_rows", x.dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                                          out.data_ptr(), x.numel() // K if K else 0, K, N, torch.get_num_threads())
+                                          out.data_ptr(), out.numel() // N if N else 0, K, N, torch.get_num_threads())
     return out
 
 
@@ -186,7 +186,7 @@ def _kernels(linear: nn.Linear) -> tuple[Tensor | None, int]:
             if shape not in _choices:
                 _choices[shape] = _choose(w.detach(), packed)
             packed = packed if _choices[shape]["kernel"] == "onednn" else None
-            native_rows = _choices[shape]["native_rows"]
+            native_rows = _choices[shape]["native_rows"] if _native_takes(w) else 0  # measured on another weight
     _packed[linear] = (key, packed, native_rows)
     return packed, native_rows
 

@@ -25,11 +25,6 @@ from torch import Tensor
 
 from runtime import paged_attention
 from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, warm_up_attention
-
-# A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
-# are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
-# Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries.
-PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -42,6 +37,10 @@ from runtime.paged_attention import paged_decode, rope_and_cache
 log = logging.getLogger(__name__)
 
 Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
+# A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
+# are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
+# Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries.
+PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 
 
 @dataclass

@@ -95,6 +95,19 @@ def test_auto_takes_native_only_up_to_the_rows_where_it_won():
     assert calls == [r for r in (1, 4, 16, 40) if r <= choice["native_rows"]]
 
 
+@needs_kernel
+def test_a_weight_the_native_kernel_cannot_read_in_place_keeps_the_other_kernel():
+    """The choice is made per weight shape; a non-contiguous weight of a shape that chose native does not take it."""
+    set_linear_kernel("auto")
+    a, b = Linear(64, 48, bias=False), Linear(64, 48, bias=False)
+    b.weight = torch.nn.Parameter(torch.randn(64, 48).T, requires_grad=False)  # (48, 64), not contiguous
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        a(x)
+        assert layers._kernels(b)[1] == 0
+        torch.testing.assert_close(b(x), F.linear(x, b.weight))
+
+
 def test_row_buckets_are_few_and_never_fewer_rows():
     buckets = [row_bucket(m) for m in range(1, 4097)]
     assert all(b >= m for b, m in zip(buckets, range(1, 4097)))
