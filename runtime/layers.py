@@ -144,7 +144,8 @@ def _choose(weight: Tensor, packed: Tensor | None) -> dict:
     aten = sum(best_of(lambda x=x: F.linear(x, weight)) for x in xs)
     onednn = sum(best_of(lambda x=x: _onednn(x, packed, None)) for x in xs) if packed is not None else math.inf
     kernel = "onednn" if onednn < 0.95 * aten else "aten"
-    choice = {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": onednn * 1e6, "native_rows": 0}
+    choice = {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": None if packed is None else onednn * 1e6,
+              "native_rows": 0}  # None, not inf: the choices go into benchmarks' JSON
     if _native_takes(weight):
         other = (lambda x: _onednn(x, packed, None)) if kernel == "onednn" else (lambda x: F.linear(x, weight))
         xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in NATIVE_ROWS]
@@ -155,9 +156,10 @@ def _choose(weight: Tensor, packed: Tensor | None) -> dict:
                 break
             choice["native_rows"] = rows
         choice |= {"native_us": [t * 1e6 for t in mine], f"{kernel}_us_at_native_rows": [t * 1e6 for t in theirs]}
-    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %.0f us -> %s; native on calls of up to "
+    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %s us -> %s; native on calls of up to "
              "%d rows", tuple(weight.shape), weight.dtype, torch.get_num_threads(),
-             torch.backends.cpu.get_cpu_capability(), aten * 1e6, onednn * 1e6, kernel, choice["native_rows"])
+             torch.backends.cpu.get_cpu_capability(), aten * 1e6,
+             "(none)" if packed is None else f"{onednn * 1e6:.0f}", kernel, choice["native_rows"])
     return choice
 
 
