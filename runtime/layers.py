@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from runtime import native
 from runtime.config import ModelConfig
 from runtime.norm_act import native_rows, rms_norm, silu_mul
+from runtime.row_buckets import row_bucket, with_room
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 # oneDNN builds (and caches) a primitive per row count, about 0.5-1.5 MB each, for the prepacked
 # weights and also for aten's bf16 GEMMs (aten's fp32 GEMM is MKL's): past 16 rows the rows are
 # padded up to a bucket, so a server sees a few dozen row counts per weight shape, not one per
-# prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic).
+# prefill length (unbucketed, a bf16 engine grew by 600 MB over 1500 steps of varied traffic;
+# runtime/row_buckets.py: inputs made with room for their bucket are read there without a copy).
 # The engine core builds them all at start-up (`warm_up_linears`).
 # Calls of a few rows (decode steps) must stream every weight from memory, and oneDNN's bf16 GEMM on
 # one row read them at a third of the memory's bandwidth on one Zen 4 CPU; a native kernel
@@ -79,30 +81,17 @@ def onednn_candidate(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def row_bucket(rows: int) -> int:
-    """The row count a oneDNN call runs: exact up to 16, then the next multiple of 16 up to 128, then
-    the next of 8 steps per doubling (a multiple of 16): at most 16 + 7 + 8 per doubling counts, and
-    at most 1/8 more rows than asked for past 128. (With 4 steps, a 1075-token prompt ran 1280 rows:
-    its linears took 1.3x those of 1024 rows, while oneDNN on 1075 unpadded rows took 1.0x.)"""
-    if rows <= 16:
-        return rows
-    if rows <= 128:
-        return -(-rows // 16) * 16
-    base = 128
-    while base * 2 < rows:
-        base *= 2
-    step = base // 8
-    return -(-rows // step) * step
-
-
 def _bucketed(gemm, x: Tensor) -> Tensor:
-    """gemm(x) with x's rows zero-padded up to their row bucket (the padded rows are dropped)."""
+    """gemm(x) on x's rows up to their row bucket: read in place where x's storage has room for them
+    (runtime/row_buckets.py), else zero-padded in a copy. The padded rows' outputs are dropped."""
     rows = x.numel() // x.shape[-1] if x.dim() else 1
     bucket = row_bucket(rows)
     if bucket == rows:
         return gemm(x)
-    out = gemm(F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows)))
-    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+    padded = with_room(x, bucket)
+    if padded is None:
+        padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, bucket - rows))
+    return gemm(padded)[:rows].reshape(*x.shape[:-1], -1)
 
 
 def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:

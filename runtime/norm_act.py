@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from runtime import native
+from runtime.row_buckets import empty_rows
 
 
 def native_rows(x: Tensor, dtype: torch.dtype) -> bool:
@@ -30,7 +31,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         raise ValueError(f"rms_norm: rows {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
                          + ("" if residual is None else f", residual {tuple(residual.shape)}") + " do not fit")
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)
+    out = empty_rows(x.shape, x)  # it feeds a linear: with room for the rows' bucket
     h = x if residual is None else torch.empty_like(x)
     residual = None if residual is None else residual.contiguous()
     native.kernel("rms_norm", x.dtype)(x.data_ptr(), None if residual is None else residual.data_ptr(),
@@ -45,7 +46,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     if gate_up.shape[-1] != 2 * f:
         raise ValueError(f"silu_mul: the last dim of {tuple(gate_up.shape)} is not gate and up of one size")
     gate_up = gate_up.contiguous()
-    out = gate_up.new_empty(*gate_up.shape[:-1], f)
+    out = empty_rows((*gate_up.shape[:-1], f), gate_up)  # it feeds a linear: with room for the rows' bucket
     native.kernel("silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), out.numel() // f if f else 0, f,
                                              torch.get_num_threads())
     return out

@@ -33,6 +33,7 @@ from runtime.engine.structured_output import StructuredOutputManager
 from runtime.layers import Block, Linear, rope_tables, warm_up_linears
 from runtime.model import PonderModel
 from runtime.paged_attention import paged_decode, rope_and_cache
+from runtime.row_buckets import empty_rows
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +523,7 @@ class Executor:
         if singles:
             for (piece, _), out in zip(singles, self._attend_singles(q, rows, slot, batch, [r for _, r in singles])):
                 pieces[piece] = out
-        return torch.cat(pieces)
+        return torch.cat(pieces, out=empty_rows(q.shape, q))  # it feeds the output projection
 
     def _attend_prompts(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch,
                         group: list[tuple[int, int, int]]) -> list[Tensor]:
