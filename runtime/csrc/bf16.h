@@ -29,4 +29,38 @@ static inline __attribute__((always_inline)) void store_elem(void *base, int64_t
     else
         ((float *)base)[i] = x;
 }
+
+/* Where the CPU has AVX-512 BF16: 16 bf16 <-> 16 fp32 in one register. vcvtneps2bf16 rounds as torch
+ * does (to nearest even, NaN quieted) but flushes denormals to zero, which torch keeps; a vector that
+ * holds one (rare: below 1.2e-38) takes the scalar rounding instead. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_BF16_VEC 1
+
+static inline __attribute__((always_inline)) __m512 bf16x16_load(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* x rounded to bf16, as fp32 (a product's rounding before it is used again). */
+static inline __attribute__((always_inline)) __m512 bf16x16_round(__m512 x) {
+    if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0x20) != 0, 0)) { /* 0x20: denormal */
+        float f[16];
+        _mm512_storeu_ps(f, x);
+        for (int i = 0; i < 16; i++) f[i] = bf16_to_float(float_to_bf16(f[i]));
+        return _mm512_loadu_ps(f);
+    }
+    __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+static inline __attribute__((always_inline)) void bf16x16_store(uint16_t *p, __m512 x) {
+    if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0x20) != 0, 0)) { /* 0x20: denormal */
+        float f[16];
+        _mm512_storeu_ps(f, x);
+        for (int i = 0; i < 16; i++) p[i] = float_to_bf16(f[i]);
+        return;
+    }
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+#endif
 #endif

@@ -57,6 +57,29 @@ def test_silu_mul_is_torchs(dtype, n):
 
 
 @needs_kernel
+def test_bf16_rows_past_whole_vectors_and_denormal_results_round_as_torchs():
+    """Widths that are not a multiple of 16 (the vector kernels' tails), and results below bf16's
+    smallest normal, which the CPU's bf16 conversion would flush to zero and torch keeps."""
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 2 * 583) * 4).to(torch.bfloat16)
+    gate_up[0, :3] = torch.tensor([-85.0, -86.0, -84.0])  # silu ~ -1e-36 .. -2e-37 times up: denormal products
+    gate_up[0, 583:586] = 1e-4
+    gate, up = gate_up.chunk(2, dim=-1)
+    got, want = silu_mul(gate_up), F.silu(gate) * up
+    assert want[0, :3].abs().max() < torch.finfo(torch.float32).tiny and (want[0, :3] != 0).all()
+    assert torch.equal(got[0, :3], want[0, :3])
+    assert_like_torch(got, want)
+    x = (torch.randn(3, 583) * 3).to(torch.bfloat16)
+    w = torch.randn(583).to(torch.bfloat16)
+    w[:3] = 1e-38  # outputs ~1e-38 times a normed value: denormal
+    out = rms_norm(x, w, 1e-5)[1]
+    want = F.rms_norm(x, (583,), w, 1e-5)
+    assert (want[:, :3].abs() < torch.finfo(torch.float32).tiny).any()
+    assert torch.equal(out[:, :3], want[:, :3])
+    assert_like_torch(out, want)
+
+
+@needs_kernel
 def test_rows_keep_their_leading_shape_and_strided_inputs_are_read_right():
     x = torch.randn(6, 40)[:, :32].reshape(2, 3, 32)  # a copy: reshape of a strided slice
     w = torch.randn(32)
