@@ -37,7 +37,7 @@ from runtime.norm_act import native_rows
 
 log = logging.getLogger(__name__)
 
-ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged")
+ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged", "amx")
 CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket queries and keys are padded to
 DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
 LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
@@ -47,7 +47,8 @@ _choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kerne
 
 def set_attention_kernel(mode: str) -> None:
     """`auto` (measure, the default; env PONDER_CPU_ATTENTION), or force a kernel on CPU (`grouped`
-    applies to causal prompts and decode steps, `paged` to decode steps; other cases then run `sdpa`)."""
+    applies to causal prompts and decode steps, `paged` to decode steps, `amx` to causal prompts and
+    chunks; other cases then run `sdpa`)."""
     global _mode
     if mode not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {mode!r} must be one of {', '.join(ATTENTION_KERNELS)}")
@@ -143,6 +144,34 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.cat(out, 3)[:, :, :, start - first : start - first + M].reshape(R, H, M, D)
 
 
+def amx_available(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `amx_attention` runs here: bf16, head dims of 32 or 64, the native library built for a
+    CPU with AMX-BF16, and Linux granting the tile state."""
+    return (dtype == torch.bfloat16 and head_dim in (32, 64) and native.available(dtype, torch.device("cpu"))
+            and native.library().amx_attention_ready() == 1)
+
+
+def amx_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of q (R, H, M, D) over k, v (R, Hkv, L, D), the queries the last M of the L
+    positions, on AMX tiles (csrc/causal_attention_amx.c; call where `amx_available`). Any strides with
+    the head dim contiguous. Returns (R, H, M, D), a view of rows laid out (R, M, H, D)."""
+    R, H, M, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if k.shape != (R, Hkv, L, D) or v.shape != k.shape or not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        raise ValueError(f"amx_attention: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
+                         f"v {tuple(v.shape)} {v.dtype} do not fit")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = q.new_empty(R, M, H, D).transpose(1, 2)
+    status = native.kernel("causal_attention_amx", q.dtype)(
+        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+        out.data_ptr(), *out.stride()[:3], R, H, Hkv, M, L, D, 1 / math.sqrt(D), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError({-1: "amx_attention: out of memory", -3: "amx_attention: no AMX tiles here",
+                            -4: f"amx_attention: head dim {D} (32 or 64), {H}/{Hkv} heads, {M} queries over {L} keys"}
+                           .get(status, f"amx_attention failed ({status})"))
+    return out
+
+
 def causal_softmax_(scores: Tensor, block: int, first: int) -> Tensor:
     """Softmax over the last dim of scores (..., rows, keys), in place, where row r is query r % block
     of a block whose first query sits at position `first` and sees the keys up to its own position
@@ -210,9 +239,13 @@ def _kernel(q: Tensor, num_kv_heads: int, num_keys: int, causal: bool) -> str:
     M = q.shape[2]
     case = ("prompt" if M == num_keys else "chunk") if causal else "decode" if M == 1 else "masked"
     if _mode != "auto":
-        takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",)}.get(_mode, (case,))
+        takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",), "amx": ("prompt", "chunk")}.get(
+            _mode, (case,))
         if _mode == "paged" and not paged_attention.available(q.dtype, q.device):
             raise RuntimeError("the paged attention kernel is not built here (see the log), or not for this dtype")
+        if _mode == "amx" and case in takes and not amx_available(q.dtype, q.shape[3]):
+            raise RuntimeError("the AMX attention kernel does not run here: it needs bf16, head dim 32 or 64 and a "
+                               "CPU with AMX-BF16 (and the native kernels built)")
         return _mode if case in takes else "sdpa"
     key = (case, q.dtype, q.shape[1], num_kv_heads, q.shape[3], torch.get_num_threads())
     if key not in _choices:
@@ -238,12 +271,14 @@ def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tupl
     return out
 
 
-def _candidates(case: str, dtype: torch.dtype) -> list[str]:
+def _candidates(case: str, dtype: torch.dtype, head_dim: int) -> list[str]:
     """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, SDPA on
-    fp32 copies where the input is not fp32 already, and the paged kernel for decode where it is built."""
+    fp32 copies where the input is not fp32 already, the paged kernel for decode where it is built,
+    and AMX tiles for causal prompts and chunks where the CPU has them."""
     paged = case == "decode" and paged_attention.available(dtype, torch.device("cpu"))
+    amx = case in ("prompt", "chunk") and amx_available(dtype, head_dim)
     return (["grouped"] if case != "masked" else []) + (["sdpa_fp32"] if dtype != torch.float32 else []) + \
-        (["paged"] if paged else [])
+        (["paged"] if paged else []) + (["amx"] if amx else [])
 
 
 def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -255,6 +290,8 @@ def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, caus
         return out[:, :, None]
     if kernel == "grouped":
         return grouped_attention(q, k, v) if causal else grouped_decode(q, k, v, mask)
+    if kernel == "amx":  # causal only (the cases it is a candidate for)
+        return amx_attention(q, k, v)
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:
         return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
     return _sdpa(q, k, v, mask, causal)
@@ -274,7 +311,7 @@ def _choose(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int, threads: in
     cases = _cases(case, dtype, H, Hkv, D)
     with torch.inference_mode():
         times = {kernel: [best_of(lambda a=a: _run(kernel, *a), repeats=3) for a in cases]
-                 for kernel in ["sdpa", *_candidates(case, dtype)]}
+                 for kernel in ["sdpa", *_candidates(case, dtype, D)]}
         if "paged" in times:  # the others run on keys the engine gathers from the cache first: a cost of theirs
             gather = [best_of(lambda a=a: _gather_blocks(a[1], a[2]), repeats=3) for a in cases]
             times = {k: ts if k == "paged" else [t + g for t, g in zip(ts, gather)] for k, ts in times.items()}

@@ -10,7 +10,9 @@
     runtime/model.py's ExitHead takes at inference on CPU;
   - csrc/causal_softmax.c: the causal mask and softmax of a block of attention scores in one pass
     (runtime/attention.py: grouped_attention);
-  - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py).
+  - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py);
+  - csrc/causal_attention_amx.c: causal attention of bf16 prompts on AMX tiles, where the CPU has them
+    (runtime/attention.py: the "amx" kernel).
 
 The library is compiled with the host's C compiler (`cc`, or $CC) and -march=native, so it vectorizes
 for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default ~/.cache/ponder/kernels) by a
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.c", "rope_cache.c", "norm_act.c", "exit_head.c",
-                                    "causal_softmax.c", "linear_rows.c")]
+                                    "causal_softmax.c", "linear_rows.c", "causal_attention_amx.c")]
 # OpenMP binds to the libgomp torch has loaded (same soname); the kernels' exp is their own, vectorized.
 # -fno-trapping-math: no code reads floating-point exception flags, and with them kept gcc vectorizes
 # no loop with a floor or a select of products (silu_mul ran scalar, 5-9x slower than torch). It
@@ -50,7 +52,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fPIC", "-s
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the element types, as each function's name ends
 
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {  # name without its type suffix -> (restype, argtypes)
+SIGNATURES = {  # name without its type suffix -> (restype, argtypes[, the suffixes it has: default all])
     "paged_decode": (_i, [_p] * 4 + [_i64, _p, _p] + [_i] * 4 + [_i64, _i64, _f, _i]),
     "rope_and_cache": (_i, [_p] * 7 + [_i64] + [_i] * 3 + [_i64, _i]),
     "rms_norm": (None, [_p] * 5 + [_i64, _i, _f, _i]),
@@ -58,7 +60,9 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes)
     "exit_scores": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _i, _i, _i]),
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
     "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
+    "causal_attention_amx": (_i, ([_p] + [_i64] * 3) * 3 + [_p] + [_i64] * 3 + [_i] * 6 + [_f, _i], ("bf16",)),
 }
+PLAIN = {"amx_attention_ready": (_i, [])}  # functions of no element type
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -89,10 +93,13 @@ def library() -> ctypes.CDLL | None:
         why = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
         log.warning("native kernels not built (%s); attention, norms and activations run as torch kernels", why)
         return None
-    for name, (restype, argtypes) in SIGNATURES.items():
-        for suffix in SUFFIX.values():
+    for name, (restype, argtypes, *suffixes) in SIGNATURES.items():
+        for suffix in suffixes[0] if suffixes else SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.restype, fn.argtypes = restype, argtypes
+    for name, (restype, argtypes) in PLAIN.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from runtime import attention, native
-from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices, causal_softmax_, grouped_attention,
-                               grouped_decode, set_attention_kernel, warm_up_attention)
+from runtime.attention import (CAUSAL_BLOCK, amx_attention, amx_available, attend, attention_kernel_choices,
+                               causal_softmax_, grouped_attention, grouped_decode, set_attention_kernel,
+                               warm_up_attention)
 
 needs_kernel = pytest.mark.skipif(not native.available(torch.float32, torch.device("cpu")),
                                   reason="no C compiler here: the native kernels are not built")
+needs_amx = pytest.mark.skipif(not amx_available(torch.bfloat16, 64), reason="no AMX-BF16 tiles on this CPU")
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +105,37 @@ def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     k, v = cache_layout(1, 200, 3, D, dtype), cache_layout(1, 200, 3, D, dtype)
     torch.testing.assert_close(attend(q, k, v, causal=True).double(), reference(q, k, v, None, True),
                                atol=3e-2, rtol=3e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("R, H, Hkv, M, L, D", [
+    (1, 9, 3, 300, 300, 64),  # a prompt: past whole chunks of keys and whole tiles of queries
+    (3, 4, 2, 17, 17, 32),  # several prompts, head dim 32
+    (1, 9, 3, 64, 512, 64),  # a chunk after 448 cached positions
+    (2, 4, 4, 5, 133, 64),  # a short chunk after context, no grouping
+    (1, 9, 3, 1, 1, 64),  # one token from position 0
+])
+def test_amx_tiles_match_sdpa_on_causal_prompts_and_chunks(R, H, Hkv, M, L, D):
+    torch.manual_seed(M + L)
+    q = torch.randn(R, H, M, D, dtype=torch.bfloat16) * 2
+    k, v = cache_layout(R, L, Hkv, D, torch.bfloat16) * 2, cache_layout(R, L, Hkv, D, torch.bfloat16)
+    got = amx_attention(q, k, v)
+    assert got.shape == (R, H, M, D) and got.transpose(1, 2).is_contiguous()  # rows laid out (R, M, H, D)
+    torch.testing.assert_close(got.double(), reference(q, k, v, None, True), atol=2e-2, rtol=2e-2)
+    set_attention_kernel("amx")  # forced, through attend
+    torch.testing.assert_close(attend(q, k, v, causal=True), got, atol=0, rtol=0)
+
+
+@needs_amx
+def test_amx_refuses_what_it_cannot_run():
+    q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)  # head dim 16
+    with pytest.raises(RuntimeError, match="head dim 16"):
+        amx_attention(q, cache_layout(1, 8, 2, 16, torch.bfloat16), cache_layout(1, 8, 2, 16, torch.bfloat16))
+    with pytest.raises(ValueError, match="do not fit"):
+        amx_attention(q.float(), cache_layout(1, 8, 2, 16, torch.float32), cache_layout(1, 8, 2, 16, torch.float32))
+    set_attention_kernel("amx")
+    with pytest.raises(RuntimeError, match="AMX attention kernel does not run here"):
+        attend(q.float(), cache_layout(1, 8, 2, 16, torch.float32), cache_layout(1, 8, 2, 16, torch.float32), causal=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

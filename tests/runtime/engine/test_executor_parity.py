@@ -20,10 +20,10 @@ CASES = [
 ]
 
 
-def run_chunked(model, prompts, exit_for, rng: random.Random, make_executor=Executor):
+def run_chunked(model, prompts, exit_for, rng: random.Random, make_executor=Executor, cache_dtype=torch.float32):
     """Feed the prompts through the executor in random chunks, several sequences per iteration,
     with scattered block tables. Returns per-sequence (logits (T, V), depths)."""
-    cache = PagedKVCache(model.cfg, num_blocks=128, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    cache = PagedKVCache(model.cfg, num_blocks=128, block_size=BLOCK, device=torch.device("cpu"), dtype=cache_dtype)
     executor = make_executor(model, cache)
     free = list(range(128))
     rng.shuffle(free)
@@ -190,3 +190,23 @@ def test_bf16_exits_match_the_reference_at_prices_equal_to_scores():
     with torch.no_grad():
         for p, price, (_, depths) in zip(prompts, prices, results):
             assert depths == model(torch.tensor([p]), ExitSpec(price=price)).depth[0].tolist()
+
+
+@pytest.mark.parametrize("attention_kernel", ["amx"], indirect=True)
+def test_bf16_prompts_and_chunks_on_amx_tiles_match_the_reference(attention_kernel):
+    """Head dim 64 in bf16, prompts and chunks after cached context on the AMX kernel, single rows
+    on the paged one: the logits stay the reference forward's, within bf16's rounding."""
+    if not attention.amx_available(torch.bfloat16, 64):
+        pytest.skip("no AMX-BF16 tiles on this CPU")
+    torch.manual_seed(6)
+    rng = random.Random(6)
+    cfg = ModelConfig.from_name("tiny", n_pool=2, max_depth=2, d_model=128, n_heads=2, n_kv_heads=1, max_seq_len=512)
+    assert cfg.head_dim == 64
+    model = PonderModel(cfg).eval().to(torch.bfloat16)
+    prompts = [[rng.randrange(64) for _ in range(n)] for n in (150, 40, 9)]
+    results, _ = run_chunked(model, prompts, lambda i, start, n: dict(depths=[cfg.max_depth] * n), rng,
+                             cache_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p, (logits, _) in zip(prompts, results):
+            ref = model(torch.tensor([p]), ExitSpec(depths=torch.full((1, len(p)), cfg.max_depth)))
+            torch.testing.assert_close(logits.float(), ref.logits[0].float(), rtol=0.05, atol=0.05)

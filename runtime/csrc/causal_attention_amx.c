@@ -1,0 +1,243 @@
+/* Causal attention of bf16 prompts and chunks on AMX tiles, flash-style (runtime/attention.py: "amx").
+ *
+ * On a 2-core AMX Xeon, torch's bf16 SDPA ran a 1024-token causal prompt of SmolLM2's 9/3 heads of 64
+ * at about 400 GFLOP/s, and batched GEMMs did worse. vLLM's CPU backend runs its own AMX attention
+ * there, and the prefill of long prompts was where Ponder fell behind it. Here both products run on
+ * the tile unit: scores S = Q K^T and outputs O = P V, 16 query rows at a time, over keys in chunks
+ * of KC with an online softmax (running max and sum in fp32, as flash attention does).
+ *
+ *   - Each sequence's keys and values are first packed per KV head into the layout the tile unit's
+ *     second operand takes (pairs of bf16 along the summed dim, "VNNI"): K^T per 16 keys and 32 dims,
+ *     V per 32 keys and 16 dims, zero past the last key. All query heads of a group read that copy.
+ *   - Queries are the last M of the L positions: query m, at position L - M + m, sees keys 0 .. its
+ *     position (M == L: a prompt from position 0; M < L: a chunk after cached context).
+ *   - Tiles: 0-3 the chunk's P V for 16 dims each, 4-5 the queries (32 dims each), 6 the packed
+ *     K or V operand, 7 the scores and then the probabilities. So head dims of 32 and 64 run.
+ *
+ * Arithmetic: products in fp32 from bf16 inputs, exp_nonpositive (exp.h), probabilities rounded to
+ * bf16 for P V, outputs O / sum rounded once to bf16. SDPA sums in another order, so results differ
+ * from it within bf16's rounding. Threads: OpenMP over (sequence, head, query tile), the longest
+ * tiles first; each thread configures its tiles and releases them before it returns.
+ *
+ * Compiled where the compiler targets AMX-BF16 (-march=native on such a CPU); `amx_attention_ready`
+ * asks Linux for the tile state once and says whether the kernel runs.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "exp.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(HAVE_BF16_VEC)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define KC 128 /* keys per chunk of the online softmax */
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+static int amx_permitted = -1; /* -1: not asked yet */
+
+int amx_attention_ready(void) {
+    if (amx_permitted < 0) amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_permitted;
+}
+
+/* K (L keys, stride sl, D dims) -> Lp rows of D, zero from key L on: the first operand of S^T = K Q^T. */
+static void pack_keys(const uint16_t *k, int64_t sl, int L, int Lp, int D, uint16_t *out) {
+    for (int key = 0; key < Lp; key++)
+        if (key < L)
+            memcpy(out + (int64_t)key * D, k + (int64_t)key * sl, D * sizeof(uint16_t));
+        else
+            memset(out + (int64_t)key * D, 0, D * sizeof(uint16_t));
+}
+
+/* V (L keys, stride sl, D dims) -> V^T per 32 keys s and 16 dims dt, a 16 x 32 tile: row dd holds dim
+ * 16dt + dd of keys 32s .. 32s + 31. Keys from L on are zero (their probabilities are too, and 0 times a
+ * stale value could be NaN). The first operand of O^T = V^T P^T. */
+static void pack_values(const uint16_t *v, int64_t sl, int L, int Lp, int D, uint16_t *out) {
+    const int dtiles = D / 16;
+    for (int s = 0; s < Lp / 32; s++)
+        for (int dt = 0; dt < dtiles; dt++) {
+            uint16_t *tile = out + ((int64_t)s * dtiles + dt) * 512;
+            for (int kk = 0; kk < 32; kk++) {
+                const int key = s * 32 + kk;
+                const uint16_t *row = v + (int64_t)key * sl + dt * 16;
+                for (int dd = 0; dd < 16; dd++) tile[dd * 32 + kk] = key < L ? row[dd] : 0;
+            }
+        }
+}
+
+/* 2^x for x <= 0 on 16 lanes, to a relative 6e-6 (a degree-4 polynomial): the probabilities are rounded
+ * to bf16 (2^-9) before P V, so the full precision of exp.h would buy nothing here. */
+static inline __attribute__((always_inline)) __m512 exp2_nonpositive_x16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+    const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, i);
+    __m512 p = _mm512_set1_ps(0.013341536745429039f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05235282704234123f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24124981462955475f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930434703826904f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, i);
+}
+
+/* The query lanes (of 16, at positions first_pos + lane) that see key `key`. */
+static inline __attribute__((always_inline)) __mmask16 seen_by(int key, int first_pos) {
+    const int d = key - first_pos;
+    return d <= 0 ? 0xffff : d >= 16 ? 0 : (__mmask16)(0xffffu << d);
+}
+
+/* One tile of 16 query rows (rows past M are zeros and dropped) of one head over its packed keys and values.
+ * It runs transposed, S^T = K Q^T and O^T = V^T P^T, so that each of the 16 queries is a lane: the max, the
+ * sum and the rescaling of the online softmax are vertical ops, with no reduction across a register. */
+static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o_sm, int rows, int first_pos, int L,
+                       int D, float scale, const uint16_t *kpack, const uint16_t *vpack) {
+    uint16_t qt[2 * 512] __attribute__((aligned(64)));    /* Q^T per 32 dims: row kk, lane m: dims 2kk, 2kk + 1 */
+    uint16_t pt[KC / 2 * 32] __attribute__((aligned(64))); /* P^T: row kk, lane m: keys 2kk, 2kk + 1 */
+    float st[KC * 16] __attribute__((aligned(64)));        /* S^T: a key per row, a query per lane */
+    float ot[64 * 16] __attribute__((aligned(64))), tt[64 * 16] __attribute__((aligned(64))); /* O^T, a chunk's */
+    const int chunks = D / 32, dtiles = D / 16;
+    const float scale2 = scale * 1.44269504f; /* scores to log2 units: exp(x) = 2^(x log2 e) */
+    const __m512 c = _mm512_set1_ps(scale2);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                                6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    memset(qt, 0, sizeof qt);
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i pair_rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(16)); /* pair kk of a row -> row kk */
+    for (int m = 0; m < rows; m++) /* each row's dim pairs (32 bits) scattered down lane m */
+        for (int p = 0; p < D / 2; p += 16)
+            _mm512_i32scatter_epi32((uint32_t *)qt + (p / 16) * 256 + m, pair_rows,
+                                    _mm512_loadu_si512(q + (int64_t)m * q_sm + 2 * p), 4);
+    memset(ot, 0, sizeof ot);
+    __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    _tile_loadd(4, qt, 64); /* tile numbers are immediates: no loops over them */
+    if (chunks == 2) _tile_loadd(5, qt + 512, 64);
+    const int last = first_pos + 15 < L - 1 ? first_pos + 15 : L - 1; /* the furthest key a lane sees */
+    for (int kc = 0; kc <= last; kc += KC) {
+        const int keys = last + 1 - kc < KC ? last + 1 - kc : KC, subchunks = (keys + 31) / 32;
+        for (int t = 0; t < (keys + 15) / 16; t++) { /* S^T for 16 keys at a time */
+            _tile_zero(7);
+            _tile_loadd(6, kpack + (int64_t)(kc + 16 * t) * D, D * sizeof(uint16_t));
+            _tile_dpbf16ps(7, 6, 4);
+            if (chunks == 2) {
+                _tile_loadd(6, kpack + (int64_t)(kc + 16 * t) * D + 32, D * sizeof(uint16_t));
+                _tile_dpbf16ps(7, 6, 5);
+            }
+            _tile_stored(7, st + t * 256, 64);
+        }
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < keys; j++) m = _mm512_mask_max_ps(m, seen_by(kc + j, first_pos), m, _mm512_load_ps(st + 16 * j));
+        const __m512 m_new = _mm512_max_ps(mx, _mm512_mul_ps(m, c));
+        const __m512 alpha = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mx, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                                 exp2_nonpositive_x16(_mm512_sub_ps(mx, m_new)));
+        sum = _mm512_mul_ps(sum, alpha);
+        for (int j = 0; j < subchunks * 32; j += 2) { /* probabilities, a pair of keys per row of P^T */
+            __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+            if (j < keys)
+                p0 = _mm512_maskz_mov_ps(seen_by(kc + j, first_pos),
+                                         exp2_nonpositive_x16(_mm512_fmsub_ps(_mm512_load_ps(st + 16 * j), c, m_new)));
+            if (j + 1 < keys)
+                p1 = _mm512_maskz_mov_ps(seen_by(kc + j + 1, first_pos),
+                                         exp2_nonpositive_x16(_mm512_fmsub_ps(_mm512_load_ps(st + 16 * j + 16), c, m_new)));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+            const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(p1, p0); /* p0's 16 bf16, then p1's */
+            _mm512_store_si512(pt + j / 2 * 32, _mm512_permutexvar_epi16(interleave, pair));
+        }
+        mx = m_new;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (dtiles == 4) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int s = 0; s < subchunks; s++) { /* this chunk's O^T = V^T P^T, 32 keys at a time */
+            _tile_loadd(7, pt + s * 512, 64);
+            const uint16_t *vt = vpack + ((int64_t)(kc / 32 + s) * dtiles) * 512;
+            _tile_loadd(6, vt, 64);
+            _tile_dpbf16ps(0, 6, 7);
+            _tile_loadd(6, vt + 512, 64);
+            _tile_dpbf16ps(1, 6, 7);
+            if (dtiles == 4) {
+                _tile_loadd(6, vt + 1024, 64);
+                _tile_dpbf16ps(2, 6, 7);
+                _tile_loadd(6, vt + 1536, 64);
+                _tile_dpbf16ps(3, 6, 7);
+            }
+        }
+        _tile_stored(0, tt, 64);
+        _tile_stored(1, tt + 256, 64);
+        if (dtiles == 4) {
+            _tile_stored(2, tt + 512, 64);
+            _tile_stored(3, tt + 768, 64);
+        }
+        for (int d = 0; d < D; d++)
+            _mm512_store_ps(ot + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(ot + 16 * d), alpha, _mm512_load_ps(tt + 16 * d)));
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
+    for (int d = 0; d < D; d++) _mm512_store_ps(ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(ot + 16 * d), inv));
+    for (int m = 0; m < rows; m++) /* lane m of 16 dims at a time, gathered */
+        for (int d = 0; d < D; d += 16)
+            bf16x16_store(out + (int64_t)m * o_sm + d, _mm512_i32gather_ps(pair_rows, ot + 16 * d + m, 4));
+}
+#else
+int amx_attention_ready(void) { return 0; }
+#endif
+
+/* q (R, H, M, D), k and v (R, Hkv, L, D), out (R, H, M, D), each by strides in elements (per sequence,
+ * head, row; dims contiguous). Returns 0; -1: no memory; -3: no AMX here (see amx_attention_ready);
+ * -4: a head dim other than 32 or 64, or M > L. */
+int causal_attention_amx_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int64_t q_sm, const uint16_t *k,
+                              int64_t k_sr, int64_t k_sh, int64_t k_sl, const uint16_t *v, int64_t v_sr, int64_t v_sh,
+                              int64_t v_sl, uint16_t *out, int64_t o_sr, int64_t o_sh, int64_t o_sm, int R, int H,
+                              int Hkv, int M, int L, int D, float scale, int threads) {
+#ifdef HAVE_AMX
+    if (!amx_attention_ready()) return -3;
+    if ((D != 32 && D != 64) || M > L || H % Hkv) return -4;
+    const int Lp = (L + KC - 1) / KC * KC, g = H / Hkv, tiles = (M + 15) / 16;
+    const int64_t per_head = (int64_t)Lp * D; /* elements of one head's packed K (and of its V) */
+    uint16_t *kpack = malloc((size_t)R * Hkv * per_head * 2 * sizeof(uint16_t));
+    if (!kpack) return -1;
+    uint16_t *vpack = kpack + (int64_t)R * Hkv * per_head;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < Hkv; h++) {
+                const int64_t at = ((int64_t)r * Hkv + h) * per_head;
+                pack_keys(k + r * k_sr + h * k_sh, k_sl, L, Lp, D, kpack + at);
+                pack_values(v + r * v_sr + h * v_sh, v_sl, L, Lp, D, vpack + at);
+            }
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+        const int64_t items = (int64_t)R * H * tiles;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+            const int tile = tiles - 1 - (int)(item % tiles); /* the longest tiles first */
+            const int h = (int)(item / tiles % H), r = (int)(item / tiles / H);
+            const int m0 = tile * 16, rows = M - m0 < 16 ? M - m0 : 16;
+            const int64_t at = ((int64_t)r * Hkv + h / g) * per_head;
+            query_tile(q + r * q_sr + h * q_sh + m0 * q_sm, q_sm, out + r * o_sr + h * o_sh + m0 * o_sm, o_sm, rows,
+                       L - M + m0, L, D, scale, kpack + at, vpack + at);
+        }
+        _tile_release();
+    }
+    free(kpack);
+    return 0;
+#else
+    (void)q, (void)q_sr, (void)q_sh, (void)q_sm, (void)k, (void)k_sr, (void)k_sh, (void)k_sl, (void)v, (void)v_sr;
+    (void)v_sh, (void)v_sl, (void)out, (void)o_sr, (void)o_sh, (void)o_sm, (void)R, (void)H, (void)Hkv, (void)M;
+    (void)L, (void)D, (void)scale, (void)threads;
+    return -3;
+#endif
+}
