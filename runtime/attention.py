@@ -13,7 +13,11 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     subset of a chunk's) never take it. The engine core runs every bucket once at start-up
     (`warm_up_attention`);
   - paged (decode only, fp32 and bf16): a C kernel that reads the paged cache in place, with no
-    gather or padding (runtime/paged_attention.py), where the host can build it.
+    gather or padding (runtime/paged_attention.py), where the host can build it;
+  - amx (causal prompts and chunks, bf16, head dims 32 and 64): flash attention with both products on
+    the AMX tile unit (csrc/causal_attention_amx.c), where the CPU has AMX-BF16 (vLLM's CPU backend
+    runs its own AMX attention there). A 1024-token prompt of SmolLM2's 9/3 heads: 1.6-1.9 ms against
+    SDPA's 2.9 (2 threads, one Xeon).
 On CPU the engine times the candidates once per case (decode; prompt; chunk; masked), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. The

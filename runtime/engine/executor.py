@@ -523,7 +523,8 @@ class Executor:
         if singles:
             for (piece, _), out in zip(singles, self._attend_singles(q, rows, slot, batch, [r for _, r in singles])):
                 pieces[piece] = out
-        return torch.cat(pieces, out=empty_rows(q.shape, q))  # it feeds the output projection
+        out = empty_rows((len(q), q.shape[1] * q.shape[2]), q)  # it feeds the output projection: rows of H * D
+        return torch.cat(pieces, out=out.view(q.shape))
 
     def _attend_prompts(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch,
                         group: list[tuple[int, int, int]]) -> list[Tensor]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runtime import layers
+from runtime import layers, native
 from runtime.layers import Linear, set_linear_kernel
-from runtime.norm_act import native_rows, rms_norm, silu_mul
+from runtime.norm_act import rms_norm, silu_mul
 from runtime.row_buckets import empty_rows, row_bucket, with_room
 
 
@@ -67,9 +67,29 @@ def test_a_linear_reads_an_input_with_room_without_a_copy_and_other_rows_never_l
 
 def test_the_native_kernels_that_feed_linears_give_room():
     x = torch.randn(134, 64, dtype=torch.bfloat16)
-    if not native_rows(x, torch.bfloat16):
+    if not native.available(torch.bfloat16, torch.device("cpu")):
         pytest.skip("no C compiler here: the native kernels are not built")
     with torch.inference_mode():
         normed = rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5)[1]
         act = silu_mul(torch.randn(134, 96, dtype=torch.bfloat16))
     assert with_room(normed, 144) is not None and with_room(act, 144) is not None
+
+
+def test_an_engine_step_feeds_every_linear_an_input_with_room(monkeypatch):
+    """Prompts of 18 rows in all (bucket 32) through the executor in bf16: every linear that pads reads
+    its input in place (the norms', silu_mul's and the attention outputs' rows), none in a copy."""
+    from runtime.config import ModelConfig
+    from runtime.engine.executor import Executor, SeqInput
+    from runtime.engine.kv_cache import PagedKVCache
+    from runtime.model import PonderModel
+
+    if not native.available(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no C compiler here: the native kernels are not built")
+    torch.manual_seed(0)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=2, max_depth=2)).eval().to(torch.bfloat16)
+    cache = PagedKVCache(model.cfg, num_blocks=16, block_size=4, device=torch.device("cpu"), dtype=torch.bfloat16)
+    executor = Executor(model, cache)
+    reads = []
+    monkeypatch.setattr(layers, "with_room", lambda x, rows: reads.append(with_room(x, rows)) or reads[-1])
+    executor.run([SeqInput(list(range(1, 10)), 0, [0, 1, 2]), SeqInput(list(range(2, 11)), 0, [3, 4, 5])])
+    assert reads and all(r is not None for r in reads)
