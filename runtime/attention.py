@@ -82,6 +82,11 @@ def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
     return _kernel(q[:, :, None], num_kv_heads, num_keys, causal=False) == "paged"
 
 
+def prompt_kernel(q: Tensor, num_kv_heads: int, num_keys: int) -> str:
+    """The kernel a causal prompt of num_keys tokens runs, for query rows like q (n, H, D)."""
+    return _kernel(q[:1, :, None].expand(1, q.shape[1], num_keys, q.shape[2]), num_kv_heads, num_keys, causal=True)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     M, L = q.shape[2], k.shape[2]
     if causal and M < L:  # SDPA's causal mask is aligned top left; a chunk's is bottom right

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from runtime import paged_attention
-from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, warm_up_attention
+from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, prompt_kernel, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 # A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
 # are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
-# Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries.
+# Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries. Not where prompts
+# run on AMX tiles, which pay for 16 rows at a time, not 128: there the split cost 1.04x at 134 and
+# 1040 tokens (one AMX Xeon; with SDPA there it saved 1.5-4.5%, with grouped GEMMs 17%).
 PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 
 
@@ -478,8 +480,9 @@ class Executor:
             queries, so the causal mask hides them, and its padded queries are dropped;
           - single rows (decode rows of a mixed step) in one call, each over the keys up to itself;
             where that call reads the cache in place (`paged_decode`), a prompt's last rows past its
-            whole blocks join it too, when they are at most PROMPT_TAIL_ROWS: a 134-token prompt
-            then runs one causal block and 6 single rows, not a second block of 128 padded queries;
+            whole blocks join it too, when they are at most PROMPT_TAIL_ROWS and its kernel pads
+            rows to blocks (not `amx`): a 134-token prompt then runs one causal block and 6 single
+            rows, not a second block of 128 padded queries;
           - a whole chunk after cached context in its own causal call (its queries the last of the keys);
           - a subset of a chunk's rows in its own masked call."""
         bs = self.cache.block_size
@@ -488,6 +491,7 @@ class Executor:
         prompts: dict[int, list[tuple[int, int, int]]] = {}  # length bucket -> (piece, rows start, rows)
         singles: list[tuple[int, int]] = []  # (piece, row)
         tails = self._in_place(q, batch.tables.shape[1] * bs)  # prompt tails may join the single rows
+        Hkv = self.cfg.n_kv_heads
         at = 0
         for i, n in zip(present.tolist(), counts.tolist()):
             ctx = batch.starts[i] + batch.lengths[i]
@@ -495,7 +499,7 @@ class Executor:
                 singles.append((len(pieces), at))
             elif n == batch.lengths[i] and batch.starts[i] == 0:  # a whole prompt: causal from the top left
                 whole, tail = n - n % CAUSAL_BLOCK, n % CAUSAL_BLOCK
-                if not (tails and whole and tail <= PROMPT_TAIL_ROWS):
+                if not (tails and whole and tail <= PROMPT_TAIL_ROWS and prompt_kernel(q, Hkv, n) != "amx"):
                     whole, tail = n, 0
                 prompts.setdefault(-(-whole // CAUSAL_BLOCK), []).append((len(pieces), at, whole))
                 pieces.append(None)

@@ -164,6 +164,28 @@ def test_a_prompts_last_rows_past_its_blocks_attend_as_single_rows_and_match_the
             torch.testing.assert_close(out.logits, ref.logits[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention_kernel", ["paged"], indirect=True)
+def test_a_prompt_on_a_kernel_that_does_not_pad_to_blocks_attends_whole(monkeypatch, attention_kernel):
+    """Where prompts run on AMX tiles (which pay for 16 rows at a time, not 128), a 134-token prompt is
+    one causal call of all its rows, with no tail of single rows."""
+    from runtime.engine import executor as executor_module
+
+    torch.manual_seed(5)
+    model = PonderModel(ModelConfig.from_name("tiny", n_pool=2, max_depth=2, max_seq_len=512)).eval()
+    cache = PagedKVCache(model.cfg, num_blocks=64, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    executor = Executor(model, cache)
+    calls = []
+    attend = executor_module.attend
+    monkeypatch.setattr(executor_module, "attend", lambda q, *a, **k: calls.append(q.shape[2]) or attend(q, *a, **k))
+    monkeypatch.setattr(executor_module, "prompt_kernel", lambda q, num_kv_heads, num_keys: "amx")
+    prompt = [(5 + 7 * j) % 60 for j in range(134)]
+    out = executor.run([SeqInput(prompt, 0, list(range(-(-134 // BLOCK))))], all_logits=True)[0]
+    assert set(calls) == {134} and len(calls) == model.cfg.n_prelude + model.cfg.max_depth + model.cfg.n_coda
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]), ExitSpec(depths=torch.full((1, 134), model.cfg.max_depth)))
+        torch.testing.assert_close(out.logits, ref.logits[0], rtol=1e-4, atol=1e-5)
+
+
 def test_a_step_no_row_needs_makes_no_block_call():
     torch.manual_seed(3)
     model = PonderModel(ModelConfig.from_name("tiny", n_pool=4, max_depth=4)).eval()
