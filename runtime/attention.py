@@ -82,9 +82,10 @@ def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
     return _kernel(q[:, :, None], num_kv_heads, num_keys, causal=False) == "paged"
 
 
-def prompt_kernel(q: Tensor, num_kv_heads: int, num_keys: int) -> str:
-    """The kernel a causal prompt of num_keys tokens runs, for query rows like q (n, H, D)."""
-    return _kernel(q[:1, :, None].expand(1, q.shape[1], num_keys, q.shape[2]), num_kv_heads, num_keys, causal=True)
+def causal_kernel(q: Tensor, num_kv_heads: int, num_queries: int, num_keys: int) -> str:
+    """The kernel that num_queries causal rows like q (n, H, D), the last of num_keys positions, run (a
+    prompt where they are equal, else a chunk after cached context)."""
+    return _kernel(q[:1, :, None].expand(1, q.shape[1], num_queries, q.shape[2]), num_kv_heads, num_keys, causal=True)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -179,6 +180,34 @@ def amx_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                             -4: f"amx_attention: head dim {D} (32 or 64), {H}/{Hkv} heads, {M} queries over {L} keys"}
                            .get(status, f"amx_attention failed ({status})"))
     return out
+
+
+def amx_paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, starts: list[int],
+                        rows: list[int], ctx: list[int], block_size: int, out: Tensor) -> None:
+    """`amx_attention` of several sequences of one step, each over its keys in one slot of the paged cache
+    in place: sequence s's rows[s] query rows from row starts[s] of q (n, H, D) are the last of its ctx[s]
+    positions, whose keys and values k_cache, v_cache (positions, Hkv, D) hold through its block table
+    tables[s]. Writes their outputs to the same rows of out (n, H, D)."""
+    S, (n, H, D), Hkv = len(starts), q.shape, k_cache.shape[1]
+    if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and tables.shape[0] == S and len(rows) == len(ctx) == S
+            and all(0 <= a and a + m <= n for a, m in zip(starts, rows))):
+        raise ValueError(f"amx_paged_attention: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)} "
+                         f"{k_cache.dtype}, {S} sequences of rows {rows} from {starts} do not fit")
+    meta = torch.tensor([starts, rows, ctx], dtype=torch.int64)
+    tables = paged_attention.int64(tables)
+    status = native.kernel("paged_causal_attention_amx", q.dtype)(
+        q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), S, H, Hkv, D, block_size,
+        k_cache.shape[0] // block_size, 1 / math.sqrt(D), torch.get_num_threads())
+    if status == -2:
+        raise ValueError(f"amx_paged_attention: contexts {ctx} (rows {rows}) or block ids outside tables of width "
+                         f"{tables.shape[1]} over {k_cache.shape[0] // block_size} blocks of {block_size}")
+    if status != 0:
+        raise RuntimeError({-1: "amx_paged_attention: out of memory", -3: "amx_paged_attention: no AMX tiles here",
+                            -4: f"amx_paged_attention: head dim {D} (32 or 64), {H}/{Hkv} heads"}
+                           .get(status, f"amx_paged_attention failed ({status})"))
 
 
 def causal_softmax_(scores: Tensor, block: int, first: int) -> Tensor:

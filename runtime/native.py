@@ -61,6 +61,7 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes[, the suffi
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
     "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
     "causal_attention_amx": (_i, ([_p] + [_i64] * 3) * 3 + [_p] + [_i64] * 3 + [_i] * 6 + [_f, _i], ("bf16",)),
+    "paged_causal_attention_amx": (_i, [_p] * 5 + [_i64] + [_p] * 3 + [_i] * 5 + [_i64, _f, _i], ("bf16",)),
 }
 PLAIN = {"amx_attention_ready": (_i, [])}  # functions of no element type
 

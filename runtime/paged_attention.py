@@ -25,7 +25,7 @@ from runtime import native
 available = native.available  # whether these kernels run for a cache of a dtype on a device
 
 
-def _int64(t: Tensor) -> Tensor:
+def int64(t: Tensor) -> Tensor:
     """t as contiguous int64, with no op where it is already (these run several times a layer)."""
     return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
@@ -41,7 +41,7 @@ def paged_decode(q: Tensor, k: Tensor, v: Tensor, tables: Tensor, ctx_lens: Tens
     if H % Hkv or tables.shape[0] != R or ctx_lens.shape != (R,):
         raise ValueError(f"paged_decode: q {tuple(q.shape)}, k {tuple(k.shape)}, tables {tuple(tables.shape)}, "
                          f"ctx_lens {tuple(ctx_lens.shape)} do not fit")
-    q, tables, ctx_lens = q.contiguous(), _int64(tables), _int64(ctx_lens)
+    q, tables, ctx_lens = q.contiguous(), int64(tables), int64(ctx_lens)
     out = torch.empty_like(q)
     fn = native.kernel("paged_decode", q.dtype)
     status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], ctx_lens.data_ptr(),
@@ -73,7 +73,7 @@ def rope_and_cache(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, 
                          f"cache {tuple(k_cache.shape)}, index {tuple(index.shape)} do not fit {H}/{Hkv} heads")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rope_and_cache writes the cache in place: it must be contiguous")
-    qkv, cos, sin, index = qkv.contiguous(), cos.contiguous(), sin.contiguous(), _int64(index)
+    qkv, cos, sin, index = qkv.contiguous(), cos.contiguous(), sin.contiguous(), int64(index)
     q = qkv.new_empty(n, H, D)
     fn = native.kernel("rope_and_cache", qkv.dtype)
     status = fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

@@ -51,27 +51,40 @@ int amx_attention_ready(void) {
     return amx_permitted;
 }
 
-/* K (L keys, stride sl, D dims) -> Lp rows of D, zero from key L on: the first operand of S^T = K Q^T. */
-static void pack_keys(const uint16_t *k, int64_t sl, int L, int Lp, int D, uint16_t *out) {
+/* Where a sequence's keys (or values) of one head lie: row `key` at base + key * sl, or in a paged cache
+ * through a block table (block table[key / bs], row key % bs of it, rows sl apart). */
+typedef struct {
+    const uint16_t *base;
+    int64_t sl;
+    const int64_t *table; /* NULL: rows in order */
+    int bs;
+} rows_at;
+
+static inline const uint16_t *row_of(rows_at r, int key) {
+    return r.table ? r.base + (r.table[key / r.bs] * r.bs + key % r.bs) * r.sl : r.base + (int64_t)key * r.sl;
+}
+
+/* K (L keys, D dims) -> Lp rows of D, zero from key L on: the first operand of S^T = K Q^T. */
+static void pack_keys(rows_at k, int L, int Lp, int D, uint16_t *out) {
     for (int key = 0; key < Lp; key++)
         if (key < L)
-            memcpy(out + (int64_t)key * D, k + (int64_t)key * sl, D * sizeof(uint16_t));
+            memcpy(out + (int64_t)key * D, row_of(k, key), D * sizeof(uint16_t));
         else
             memset(out + (int64_t)key * D, 0, D * sizeof(uint16_t));
 }
 
-/* V (L keys, stride sl, D dims) -> V^T per 32 keys s and 16 dims dt, a 16 x 32 tile: row dd holds dim
- * 16dt + dd of keys 32s .. 32s + 31. Keys from L on are zero (their probabilities are too, and 0 times a
- * stale value could be NaN). The first operand of O^T = V^T P^T. */
-static void pack_values(const uint16_t *v, int64_t sl, int L, int Lp, int D, uint16_t *out) {
+/* V (L keys, D dims) -> V^T per 32 keys s and 16 dims dt, a 16 x 32 tile: row dd holds dim 16dt + dd of
+ * keys 32s .. 32s + 31. Keys from L on are zero (their probabilities are too, and 0 times a stale value
+ * could be NaN). The first operand of O^T = V^T P^T. */
+static void pack_values(rows_at v, int L, int Lp, int D, uint16_t *out) {
     const int dtiles = D / 16;
     for (int s = 0; s < Lp / 32; s++)
-        for (int dt = 0; dt < dtiles; dt++) {
-            uint16_t *tile = out + ((int64_t)s * dtiles + dt) * 512;
-            for (int kk = 0; kk < 32; kk++) {
-                const int key = s * 32 + kk;
-                const uint16_t *row = v + (int64_t)key * sl + dt * 16;
-                for (int dd = 0; dd < 16; dd++) tile[dd * 32 + kk] = key < L ? row[dd] : 0;
+        for (int kk = 0; kk < 32; kk++) {
+            const int key = s * 32 + kk;
+            const uint16_t *row = key < L ? row_of(v, key) : 0;
+            for (int dt = 0; dt < dtiles; dt++) {
+                uint16_t *tile = out + ((int64_t)s * dtiles + dt) * 512;
+                for (int dd = 0; dd < 16; dd++) tile[dd * 32 + kk] = row ? row[dt * 16 + dd] : 0;
             }
         }
 }
@@ -191,6 +204,83 @@ static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o
 int amx_attention_ready(void) { return 0; }
 #endif
 
+#ifdef HAVE_AMX
+/* One sequence of a call: its M query rows (the last M of its L positions) and where its keys and values lie. */
+typedef struct {
+    const uint16_t *q;
+    uint16_t *out;
+    int64_t q_sh, q_sm, o_sh, o_sm; /* strides of heads and rows */
+    rows_at k, v;                   /* head 0's; heads k_sh, v_sh apart */
+    int64_t k_sh, v_sh, packed;     /* packed: where its heads' packed keys start in the scratch */
+    int M, L, Lp;
+} sequence;
+
+typedef struct {
+    int seq, head, tile, first_pos;
+} work;
+
+static int later_first(const void *a, const void *b) { /* the tiles that see the most keys first */
+    return ((const work *)b)->first_pos - ((const work *)a)->first_pos;
+}
+
+static int run(sequence *seqs, int S, int H, int Hkv, int D, float scale, int threads) {
+    if ((D != 32 && D != 64) || H % Hkv) return -4;
+    int64_t scratch = 0, items = 0;
+    for (int s = 0; s < S; s++) {
+        if (seqs[s].M > seqs[s].L || seqs[s].M < 0) return -4;
+        seqs[s].Lp = (seqs[s].L + KC - 1) / KC * KC;
+        seqs[s].packed = scratch;
+        scratch += (int64_t)Hkv * seqs[s].Lp * D;
+        items += (int64_t)H * ((seqs[s].M + 15) / 16);
+    }
+    uint16_t *kpack = malloc((size_t)scratch * 2 * sizeof(uint16_t) + 1);
+    work *todo = malloc((size_t)items * sizeof(work) + 1);
+    if (!kpack || !todo) {
+        free(kpack);
+        free(todo);
+        return -1;
+    }
+    uint16_t *vpack = kpack + scratch;
+    int64_t n = 0;
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < (seqs[s].M + 15) / 16; t++) todo[n++] = (work){s, h, t, seqs[s].L - seqs[s].M + 16 * t};
+    qsort(todo, (size_t)items, sizeof(work), later_first);
+    const int g = H / Hkv;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int s = 0; s < S; s++)
+            for (int h = 0; h < Hkv; h++) {
+                const sequence *q = seqs + s;
+                const int64_t at = q->packed + (int64_t)h * q->Lp * D;
+                rows_at k = q->k, v = q->v;
+                k.base += h * q->k_sh, v.base += h * q->v_sh;
+                pack_keys(k, q->L, q->Lp, D, kpack + at);
+                pack_values(v, q->L, q->Lp, D, vpack + at);
+            }
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            const work w = todo[i];
+            const sequence *q = seqs + w.seq;
+            const int m0 = 16 * w.tile, rows = q->M - m0 < 16 ? q->M - m0 : 16;
+            const int64_t at = q->packed + (int64_t)(w.head / g) * q->Lp * D;
+            query_tile(q->q + w.head * q->q_sh + m0 * q->q_sm, q->q_sm, q->out + w.head * q->o_sh + m0 * q->o_sm,
+                       q->o_sm, rows, w.first_pos, q->L, D, scale, kpack + at, vpack + at);
+        }
+        _tile_release();
+    }
+    free(kpack);
+    free(todo);
+    return 0;
+}
+#endif
+
 /* q (R, H, M, D), k and v (R, Hkv, L, D), out (R, H, M, D), each by strides in elements (per sequence,
  * head, row; dims contiguous). Returns 0; -1: no memory; -3: no AMX here (see amx_attention_ready);
  * -4: a head dim other than 32 or 64, or M > L. */
@@ -200,44 +290,49 @@ int causal_attention_amx_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int
                               int Hkv, int M, int L, int D, float scale, int threads) {
 #ifdef HAVE_AMX
     if (!amx_attention_ready()) return -3;
-    if ((D != 32 && D != 64) || M > L || H % Hkv) return -4;
-    const int Lp = (L + KC - 1) / KC * KC, g = H / Hkv, tiles = (M + 15) / 16;
-    const int64_t per_head = (int64_t)Lp * D; /* elements of one head's packed K (and of its V) */
-    uint16_t *kpack = malloc((size_t)R * Hkv * per_head * 2 * sizeof(uint16_t));
-    if (!kpack) return -1;
-    uint16_t *vpack = kpack + (int64_t)R * Hkv * per_head;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for collapse(2) schedule(static)
-        for (int r = 0; r < R; r++)
-            for (int h = 0; h < Hkv; h++) {
-                const int64_t at = ((int64_t)r * Hkv + h) * per_head;
-                pack_keys(k + r * k_sr + h * k_sh, k_sl, L, Lp, D, kpack + at);
-                pack_values(v + r * v_sr + h * v_sh, v_sl, L, Lp, D, vpack + at);
-            }
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
-        const int64_t items = (int64_t)R * H * tiles;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; item++) {
-            const int tile = tiles - 1 - (int)(item % tiles); /* the longest tiles first */
-            const int h = (int)(item / tiles % H), r = (int)(item / tiles / H);
-            const int m0 = tile * 16, rows = M - m0 < 16 ? M - m0 : 16;
-            const int64_t at = ((int64_t)r * Hkv + h / g) * per_head;
-            query_tile(q + r * q_sr + h * q_sh + m0 * q_sm, q_sm, out + r * o_sr + h * o_sh + m0 * o_sm, o_sm, rows,
-                       L - M + m0, L, D, scale, kpack + at, vpack + at);
-        }
-        _tile_release();
-    }
-    free(kpack);
-    return 0;
+    sequence *seqs = malloc((size_t)R * sizeof(sequence) + 1);
+    if (!seqs) return -1;
+    for (int r = 0; r < R; r++)
+        seqs[r] = (sequence){q + r * q_sr, out + r * o_sr, q_sh, q_sm, o_sh, o_sm, {k + r * k_sr, k_sl, 0, 1},
+                             {v + r * v_sr, v_sl, 0, 1}, k_sh, v_sh, 0, M, L, 0};
+    const int status = run(seqs, R, H, Hkv, D, scale, threads);
+    free(seqs);
+    return status;
 #else
     (void)q, (void)q_sr, (void)q_sh, (void)q_sm, (void)k, (void)k_sr, (void)k_sh, (void)k_sl, (void)v, (void)v_sr;
     (void)v_sh, (void)v_sl, (void)out, (void)o_sr, (void)o_sh, (void)o_sm, (void)R, (void)H, (void)Hkv, (void)M;
     (void)L, (void)D, (void)scale, (void)threads;
+    return -3;
+#endif
+}
+
+/* The same over one slot of the paged cache, for S sequences of one step: sequence s has rows[s] query rows
+ * from row starts[s] of q (n, H, D) and out (n, H, D), the last of its ctx[s] positions, whose keys and values
+ * are in k_cache, v_cache (num_blocks * bs, Hkv, D) through tables (S, W). Returns as above; -2: a context
+ * past its table, or a block id outside the cache. */
+int paged_causal_attention_amx_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
+                                    const int64_t *tables, int64_t W, const int64_t *starts, const int64_t *rows,
+                                    const int64_t *ctx, int S, int H, int Hkv, int D, int bs, int64_t num_blocks,
+                                    float scale, int threads) {
+#ifdef HAVE_AMX
+    if (!amx_attention_ready()) return -3;
+    for (int s = 0; s < S; s++) {
+        if (ctx[s] > W * bs || ctx[s] < rows[s]) return -2;
+        for (int64_t b = 0; b < (ctx[s] + bs - 1) / bs; b++)
+            if (tables[s * W + b] < 0 || tables[s * W + b] >= num_blocks) return -2;
+    }
+    sequence *seqs = malloc((size_t)S * sizeof(sequence) + 1);
+    if (!seqs) return -1;
+    const int64_t row = (int64_t)H * D, key = (int64_t)Hkv * D;
+    for (int s = 0; s < S; s++)
+        seqs[s] = (sequence){q + starts[s] * row, out + starts[s] * row, D, row, D, row, {k_cache, key, tables + s * W, bs},
+                             {v_cache, key, tables + s * W, bs}, D, D, 0, (int)rows[s], (int)ctx[s], 0};
+    const int status = run(seqs, S, H, Hkv, D, scale, threads);
+    free(seqs);
+    return status;
+#else
+    (void)q, (void)out, (void)k_cache, (void)v_cache, (void)tables, (void)W, (void)starts, (void)rows, (void)ctx;
+    (void)S, (void)H, (void)Hkv, (void)D, (void)bs, (void)num_blocks, (void)scale, (void)threads;
     return -3;
 #endif
 }

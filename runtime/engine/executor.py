@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from runtime import paged_attention
-from runtime.attention import CAUSAL_BLOCK, attend, decode_in_place, prompt_kernel, warm_up_attention
+from runtime.attention import (CAUSAL_BLOCK, amx_paged_attention, attend, causal_kernel, decode_in_place,
+                               warm_up_attention)
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
@@ -42,7 +43,8 @@ Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 # are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
 # Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries. Not where prompts
 # run on AMX tiles, which pay for 16 rows at a time, not 128: there the split cost 1.04x at 134 and
-# 1040 tokens (one AMX Xeon; with SDPA there it saved 1.5-4.5%, with grouped GEMMs 17%).
+# 1040 tokens (one AMX Xeon; with SDPA there it saved 1.5-4.5%, with grouped GEMMs 17%). Such prompts
+# take the AMX branch of `_attend_per_sequence` first.
 PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 
 
@@ -475,88 +477,84 @@ class Executor:
         context. Padding every sequence to the longest (one call) would cost a 1024-token prefill's
         attention once per decode row beside it, and one call per sequence costs a 16-prompt step 480
         calls. So the calls are batched where that wastes little:
-          - whole chunks from position 0 (prompts) in one causal call per length bucket
+          - where causal rows run on AMX tiles (`amx`), every whole prompt and whole chunk after cached
+            context in one call over the cache in place, with no padding (`amx_paged_attention`);
+          - else whole chunks from position 0 (prompts) in one causal call per length bucket
             (`CAUSAL_BLOCK` multiples): a shorter prompt's padded keys sit past all of its real
             queries, so the causal mask hides them, and its padded queries are dropped;
           - single rows (decode rows of a mixed step) in one call, each over the keys up to itself;
             where that call reads the cache in place (`paged_decode`), a prompt's last rows past its
-            whole blocks join it too, when they are at most PROMPT_TAIL_ROWS and its kernel pads
-            rows to blocks (not `amx`): a 134-token prompt then runs one causal block and 6 single
-            rows, not a second block of 128 padded queries;
-          - a whole chunk after cached context in its own causal call (its queries the last of the keys);
+            whole blocks join it too, when they are at most PROMPT_TAIL_ROWS: a 134-token prompt
+            then runs one causal block and 6 single rows, not a second block of 128 padded queries;
+          - else a whole chunk after cached context in its own causal call (its queries the last of the keys);
           - a subset of a chunk's rows in its own masked call."""
-        bs = self.cache.block_size
+        bs, Hkv = self.cache.block_size, self.cfg.n_kv_heads
         present, counts = torch.unique_consecutive(batch.seq[rows], return_counts=True)  # rows of a sequence are contiguous
-        pieces: list[Tensor | None] = []
-        prompts: dict[int, list[tuple[int, int, int]]] = {}  # length bucket -> (piece, rows start, rows)
-        singles: list[tuple[int, int]] = []  # (piece, row)
+        out = empty_rows((len(q), q.shape[1] * q.shape[2]), q).view(q.shape)  # it feeds the output projection
+        prompts: dict[int, list[tuple[int, int]]] = {}  # length bucket -> (rows start, rows)
+        singles: list[int] = []  # rows
+        tiled: list[tuple[int, int, int, int]] = []  # (sequence, rows start, rows, context) for AMX tiles
         tails = self._in_place(q, batch.tables.shape[1] * bs)  # prompt tails may join the single rows
-        Hkv = self.cfg.n_kv_heads
+        tiles = q.dtype == self.cache.k.dtype == torch.bfloat16  # AMX tiles may read the cache in place
         at = 0
         for i, n in zip(present.tolist(), counts.tolist()):
-            ctx = batch.starts[i] + batch.lengths[i]
+            ctx, whole = batch.starts[i] + batch.lengths[i], n == batch.lengths[i]
             if n == 1:
-                singles.append((len(pieces), at))
-            elif n == batch.lengths[i] and batch.starts[i] == 0:  # a whole prompt: causal from the top left
-                whole, tail = n - n % CAUSAL_BLOCK, n % CAUSAL_BLOCK
-                if not (tails and whole and tail <= PROMPT_TAIL_ROWS and prompt_kernel(q, Hkv, n) != "amx"):
-                    whole, tail = n, 0
-                prompts.setdefault(-(-whole // CAUSAL_BLOCK), []).append((len(pieces), at, whole))
-                pieces.append(None)
-                for j in range(whole, n):
-                    singles.append((len(pieces), at + j))
-                    pieces.append(None)
-                at += n
-                continue
+                singles.append(at)
+            elif whole and tiles and causal_kernel(q, Hkv, n, ctx) == "amx":
+                tiled.append((i, at, n, ctx))
+            elif whole and batch.starts[i] == 0:  # a whole prompt: causal from the top left
+                blocks = n - n % CAUSAL_BLOCK
+                if tails and blocks and n - blocks <= PROMPT_TAIL_ROWS:
+                    prompts.setdefault(blocks // CAUSAL_BLOCK, []).append((at, blocks))
+                    singles += range(at + blocks, at + n)
+                else:
+                    prompts.setdefault(-(-n // CAUSAL_BLOCK), []).append((at, n))
             else:  # all of a chunk after cached context (causal), or a subset of a chunk's rows (masked)
                 k, v = self.cache.gather(slot, batch.tables[i : i + 1, : -(-ctx // bs)])
                 k, v = k[:, :, :ctx].to(q.dtype), v[:, :, :ctx].to(q.dtype)
                 mask = None
-                if n < batch.lengths[i]:
+                if not whole:
                     key_pos = torch.arange(ctx, device=self.device)
                     mask = key_pos[None, None, :] <= batch.positions[rows[at : at + n]][None, :, None]
                 q_seq = q[at : at + n].transpose(0, 1)[None]
-                pieces.append(attend(q_seq, k, v, mask, causal=mask is None)[0].transpose(0, 1))
-                at += n
-                continue
-            pieces.append(None)
+                out[at : at + n] = attend(q_seq, k, v, mask, causal=mask is None)[0].transpose(0, 1)
             at += n
+        if tiled:
+            seq, starts, lengths, ctx = (list(t) for t in zip(*tiled))
+            amx_paged_attention(q, *self.cache.in_place(slot), batch.tables[seq], starts, lengths, ctx, bs, out)
         for group in prompts.values():
-            for piece, out in zip(group, self._attend_prompts(q, rows, slot, batch, group)):
-                pieces[piece[0]] = out
+            self._attend_prompts(q, rows, slot, batch, group, out)
         if singles:
-            for (piece, _), out in zip(singles, self._attend_singles(q, rows, slot, batch, [r for _, r in singles])):
-                pieces[piece] = out
-        out = empty_rows((len(q), q.shape[1] * q.shape[2]), q)  # it feeds the output projection: rows of H * D
-        return torch.cat(pieces, out=out.view(q.shape))
+            out[singles] = self._attend_singles(q, rows, slot, batch, singles)
+        return out
 
-    def _attend_prompts(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch,
-                        group: list[tuple[int, int, int]]) -> list[Tensor]:
-        """Whole prompts (piece, rows start, length) as one causal call padded to the longest; their outputs."""
-        L = max(n for _, _, n in group)
-        seqs = batch.seq[rows[[at for _, at, _ in group]]]
+    def _attend_prompts(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch, group: list[tuple[int, int]],
+                        out: Tensor) -> None:
+        """Whole prompts (rows start, length) as one causal call padded to the longest, into out's rows."""
+        L = max(n for _, n in group)
+        seqs = batch.seq[rows[[at for at, _ in group]]]
         k, v = self.cache.gather(slot, batch.tables[seqs, : -(-L // self.cache.block_size)])
         k, v = k[:, :, :L].to(q.dtype), v[:, :, :L].to(q.dtype)  # past a prompt's length: other positions, unseen
         q_pad = q.new_zeros(len(group), L, *q.shape[1:])
-        for j, (_, at, n) in enumerate(group):
+        for j, (at, n) in enumerate(group):
             q_pad[j, :n] = q[at : at + n]
-        out = attend(q_pad.transpose(1, 2), k, v, causal=True).transpose(1, 2)  # (R, L, H, D)
-        return [out[j, :n] for j, (_, _, n) in enumerate(group)]
+        res = attend(q_pad.transpose(1, 2), k, v, causal=True).transpose(1, 2)  # (R, L, H, D)
+        for j, (at, n) in enumerate(group):
+            out[at : at + n] = res[j, :n]
 
-    def _attend_singles(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch, at: list[int]) -> list[Tensor]:
-        """Single rows (at these indices of rows) as one call, each over its context up to its position."""
+    def _attend_singles(self, q: Tensor, rows: Tensor, slot: int, batch: _Batch, at: list[int]) -> Tensor:
+        """Single rows (at these indices of rows) as one call, each over its context up to its position: (R, H, D)."""
         idx = torch.tensor(at, device=self.device)
         row_ids = rows[idx]
         tables = batch.tables[batch.seq[row_ids]]
         if self._in_place(q, tables.shape[1] * self.cache.block_size):
             ctx_len = batch.positions[row_ids] + 1  # each over the keys up to itself
-            out = paged_decode(q[idx], *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size)
-            return list(out[:, None].unbind(0))  # (1, H, D) each
+            return paged_decode(q[idx], *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size)
         k, v = self.cache.gather(slot, tables)
         key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
         mask = (key_pos[None, :] <= batch.positions[row_ids][:, None])[:, None]  # (R, 1, L)
-        out = attend(q[idx][:, :, None], k.to(q.dtype), v.to(q.dtype), mask)  # (R, H, 1, D)
-        return list(out.transpose(1, 2).unbind(0))  # (1, H, D) each
+        return attend(q[idx][:, :, None], k.to(q.dtype), v.to(q.dtype), mask)[:, :, 0]  # (R, H, D)
 
     # ----- outputs -----
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime import attention, native
-from runtime.attention import (CAUSAL_BLOCK, amx_attention, amx_available, attend, attention_kernel_choices,
+from runtime.attention import (CAUSAL_BLOCK, amx_attention, amx_available, amx_paged_attention, attend,
+                               attention_kernel_choices,
                                causal_softmax_, grouped_attention, grouped_decode, set_attention_kernel,
                                warm_up_attention)
 
@@ -124,6 +125,31 @@ def test_amx_tiles_match_sdpa_on_causal_prompts_and_chunks(R, H, Hkv, M, L, D):
     torch.testing.assert_close(got.double(), reference(q, k, v, None, True), atol=2e-2, rtol=2e-2)
     set_attention_kernel("amx")  # forced, through attend
     torch.testing.assert_close(attend(q, k, v, causal=True), got, atol=0, rtol=0)
+
+
+@needs_amx
+def test_amx_over_the_paged_cache_in_place_matches_sdpa_for_sequences_of_a_step():
+    """Three sequences of one step over scattered blocks: a 70-token prompt, a chunk of 20 after 45
+    cached positions, a 3-token prompt; each writes its own rows of the output."""
+    torch.manual_seed(1)
+    bs, H, Hkv, D = 16, 9, 3, 64
+    k_cache, v_cache = (torch.randn(40 * bs, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
+    tables = torch.tensor([[7, 3, 30, 12, 5], [21, 2, 9, 0, 0], [38, 0, 0, 0, 0]])
+    rows, ctx = [70, 20, 3], [70, 65, 3]
+    starts = [0, 70, 90]
+    q = torch.randn(93, H, D, dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    amx_paged_attention(q, k_cache, v_cache, tables, starts, rows, ctx, bs, out)
+    for s in range(3):
+        keys = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in tables[s].tolist()])[: ctx[s]]
+        k, v = (c[keys].transpose(0, 1)[None] for c in (k_cache, v_cache))  # (1, Hkv, L, D)
+        want = reference(q[starts[s] : starts[s] + rows[s]].transpose(0, 1)[None], k, v, None, True)
+        got = out[starts[s] : starts[s] + rows[s]].transpose(0, 1)[None]
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="outside tables"):  # a context past its table
+        amx_paged_attention(q, k_cache, v_cache, tables, starts, rows, [70, 65, 81], bs, out)
+    with pytest.raises(ValueError, match="do not fit"):  # rows past q
+        amx_paged_attention(q, k_cache, v_cache, tables, starts, [70, 20, 4], ctx, bs, out)
 
 
 @needs_amx
