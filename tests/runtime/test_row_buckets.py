@@ -36,7 +36,6 @@ def test_empty_rows_leave_room_for_the_bucket_and_with_room_reads_it_in_place():
     assert x.shape == (2, 67, 8) and x.dtype == torch.bfloat16 and x.is_contiguous()
     padded = with_room(x, row_bucket(134))
     assert padded.shape == (144, 8) and padded.data_ptr() == x.data_ptr()
-    assert (padded[134:] == 0).all()  # the room is zeroed
     assert with_room(torch.zeros(134, 8), 144) is None  # no room
     assert with_room(torch.zeros(8, 200).t(), 144) is None  # not contiguous
     assert empty_rows((16, 8), x).untyped_storage().nbytes() == 16 * 8 * 2  # no bucket past 16 rows: no room
