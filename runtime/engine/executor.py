@@ -10,7 +10,8 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
     and run the block's MLP: one gather -> block call -> scatter per group, so the cost of a
     step scales with its active rows. A pure decode step attends in one padded call; otherwise
     each sequence attends over exactly its own context, in calls batched where that wastes little
-    (whole prompts per length bucket, causal; single rows together; `_attend_per_sequence`);
+    (on AMX tiles, every whole prompt and chunk in one call over the cache in place; else whole
+    prompts per length bucket, causal; single rows together; `_attend_per_sequence`);
   - the coda and head run on each row's exit state.
 """
 
