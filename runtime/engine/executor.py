@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from runtime import paged_attention
-from runtime.attention import (CAUSAL_BLOCK, amx_paged_attention, attend, causal_kernel, decode_in_place,
-                               warm_up_attention)
+from runtime.amx_attention import amx_paged_attention
+from runtime.attention import CAUSAL_BLOCK, attend, causal_kernel, decode_in_place, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime import attention, native
-from runtime.attention import (CAUSAL_BLOCK, amx_attention, amx_available, amx_paged_attention, attend,
-                               attention_kernel_choices,
+from runtime.amx_attention import amx_attention, amx_available, amx_paged_attention
+from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices,
                                causal_softmax_, grouped_attention, grouped_decode, set_attention_kernel,
                                warm_up_attention)
 

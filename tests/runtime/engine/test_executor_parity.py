@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from runtime import attention
+from runtime.amx_attention import amx_available
 from runtime.config import ModelConfig
 from runtime.engine.executor import Executor, SeqInput
 from runtime.engine.kv_cache import PagedKVCache
@@ -109,9 +110,11 @@ def test_core_step_cost_scales_with_active_rows():
     assert executor.num_batched_calls == 4  # one call per step that still has rows
 
 
-def test_a_mixed_step_attends_in_one_call_per_prompt_bucket_and_one_for_single_rows(monkeypatch):
+@pytest.mark.parametrize("attention_kernel", ["sdpa"], indirect=True)  # not a measured choice: paged decode rows
+def test_a_mixed_step_attends_in_one_call_per_prompt_bucket_and_one_for_single_rows(monkeypatch, attention_kernel):
     """Five prompts (two length buckets), a chunk after cached context and three decode rows: 4 attention
-    calls per layer, not 9; and every sequence gets the logits it gets alone."""
+    calls per layer, not 9; and every sequence gets the logits it gets alone. (SDPA forced: where the
+    measured choice reads decode rows in place, prompt tails join them and the count differs.)"""
     from runtime.engine import executor as executor_module
 
     torch.manual_seed(4)
@@ -169,7 +172,7 @@ def test_prompts_and_chunks_on_amx_tiles_attend_in_one_call_over_the_cache_in_pl
     """Where causal rows run on AMX tiles, a step's whole prompts and chunks after context (here a
     134-token prompt, a 40-token one and a chunk of 7 after 9 cached tokens) are one call a layer over
     the cache in place: no padded prompt, no tail of single rows, no gathered keys."""
-    if not attention.amx_available(torch.bfloat16, 64):
+    if not amx_available(torch.bfloat16, 64):
         pytest.skip("no AMX-BF16 tiles on this CPU")
     from runtime.engine import executor as executor_module
 
@@ -227,7 +230,7 @@ def test_bf16_exits_match_the_reference_at_prices_equal_to_scores():
 def test_bf16_prompts_and_chunks_on_amx_tiles_match_the_reference(attention_kernel):
     """Head dim 64 in bf16, prompts and chunks after cached context on the AMX kernel, single rows
     on the paged one: the logits stay the reference forward's, within bf16's rounding."""
-    if not attention.amx_available(torch.bfloat16, 64):
+    if not amx_available(torch.bfloat16, 64):
         pytest.skip("no AMX-BF16 tiles on this CPU")
     torch.manual_seed(6)
     rng = random.Random(6)
