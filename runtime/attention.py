@@ -80,13 +80,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: 
 def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
     """Whether decode rows q (R, H, D) over up to num_keys keys run `paged_attention.paged_decode` on
     the cache in place (the kernel chosen for them is `paged`), rather than `attend` on gathered keys."""
-    return _kernel(q[:, :, None], num_kv_heads, num_keys, causal=False) == "paged"
+    return _kernel_of(q.device, q.dtype, q.shape[1], 1, q.shape[2], num_kv_heads, num_keys, causal=False) == "paged"
 
 
 def causal_kernel(q: Tensor, num_kv_heads: int, num_queries: int, num_keys: int) -> str:
     """The kernel that num_queries causal rows like q (n, H, D), the last of num_keys positions, run (a
     prompt where they are equal, else a chunk after cached context)."""
-    return _kernel(q[:1, :, None].expand(1, q.shape[1], num_queries, q.shape[2]), num_kv_heads, num_keys, causal=True)
+    return _kernel_of(q.device, q.dtype, q.shape[1], num_queries, q.shape[2], num_kv_heads, num_keys, causal=True)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -217,20 +217,25 @@ def warm_up_attention(H: int, Hkv: int, D: int, dtype: torch.dtype, max_seqs: in
 
 def _kernel(q: Tensor, num_kv_heads: int, num_keys: int, causal: bool) -> str:
     """The kernel for queries q (R, H, M, D) over num_keys keys of num_kv_heads heads."""
-    if q.device.type != "cpu":
+    return _kernel_of(q.device, q.dtype, q.shape[1], q.shape[2], q.shape[3], num_kv_heads, num_keys, causal)
+
+
+def _kernel_of(device: torch.device, dtype: torch.dtype, H: int, M: int, D: int, num_kv_heads: int, num_keys: int,
+               causal: bool) -> str:
+    """`_kernel` from the queries' device, dtype and shape (no tensor: the executor asks once a layer)."""
+    if device.type != "cpu":
         return "sdpa"
-    M = q.shape[2]
     case = ("prompt" if M == num_keys else "chunk") if causal else "decode" if M == 1 else "masked"
     if _mode != "auto":
         takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",), "amx": ("prompt", "chunk")}.get(
             _mode, (case,))
-        if _mode == "paged" and not paged_attention.available(q.dtype, q.device):
+        if _mode == "paged" and not paged_attention.available(dtype, device):
             raise RuntimeError("the paged attention kernel is not built here (see the log), or not for this dtype")
-        if _mode == "amx" and case in takes and not amx_available(q.dtype, q.shape[3]):
+        if _mode == "amx" and case in takes and not amx_available(dtype, D):
             raise RuntimeError("the AMX attention kernel does not run here: it needs bf16, head dim 32 or 64 and a "
                                "CPU with AMX-BF16 (and the native kernels built)")
         return _mode if case in takes else "sdpa"
-    key = (case, q.dtype, q.shape[1], num_kv_heads, q.shape[3], torch.get_num_threads())
+    key = (case, dtype, H, num_kv_heads, D, torch.get_num_threads())
     if key not in _choices:
         _choices[key] = _choose(*key)
     return _choices[key]["kernels"][num_keys >= LONG_CONTEXT]
