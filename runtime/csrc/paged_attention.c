@@ -21,11 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bf16.h"
+#include "bf16.h" /* and immintrin.h, where it defines HAVE_BF16_VEC */
 #include "exp.h"
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
@@ -55,7 +52,7 @@ INLINE void prefetch_row(const void *base, const int64_t *table, int64_t t, int6
 
 #define PREFETCH_AHEAD 8
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef HAVE_BF16_VEC
 #define BF16_DOT 1 /* vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32 */
 
 /* Lane i of the result is the sum of v[i]'s 16 lanes: a transpose-and-add, about 2 instructions a sum
@@ -111,9 +108,7 @@ INLINE void bf16_values(const float *p, const uint16_t *v, const int64_t *table,
             prefetch_row(v, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, 1);
             const uint16_t *row = v + row_of(table, t, block_size, row_stride);
             __m512 x[MAX_HEAD_DIM / 16];
-            for (int c = 0; c < D / 16; c++) /* bf16 -> fp32: the 16 bits are the top half */
-                x[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 16 * c))), 16));
+            for (int c = 0; c < D / 16; c++) x[c] = bf16x16_load(row + 16 * c);
             for (int j = 0; j < 4; j++) {
                 __m512 pj = _mm512_set1_ps(j0 + j < g ? p[(int64_t)(j0 + j) * n + t] : 0.f);
                 for (int c = 0; c < D / 16; c++) sum[j][c] = _mm512_fmadd_ps(pj, x[c], sum[j][c]);
