@@ -3,21 +3,24 @@
  * On a 2-core AMX Xeon, torch's bf16 SDPA ran a 1024-token causal prompt of SmolLM2's 9/3 heads of 64
  * at about 400 GFLOP/s, and batched GEMMs did worse. vLLM's CPU backend runs its own AMX attention
  * there, and the prefill of long prompts was where Ponder fell behind it. Here both products run on
- * the tile unit: scores S = Q K^T and outputs O = P V, 16 query rows at a time, over keys in chunks
- * of KC with an online softmax (running max and sum in fp32, as flash attention does).
+ * the tile unit, 16 query rows at a time, over keys in chunks of KC with an online softmax (running
+ * max and sum in fp32, as flash attention does). They run transposed, S^T = K Q^T and O^T = V^T P^T,
+ * so that each query is a lane and the softmax needs no reduction across a register (one per row and
+ * chunk had made the softmax 1.6 of a 2.5 ms prompt).
  *
- *   - Each sequence's keys and values are first packed per KV head into the layout the tile unit's
- *     second operand takes (pairs of bf16 along the summed dim, "VNNI"): K^T per 16 keys and 32 dims,
- *     V per 32 keys and 16 dims, zero past the last key. All query heads of a group read that copy.
+ *   - Each sequence's keys and values are first packed per KV head: K as rows of D (the first operand
+ *     of S^T), V^T per 32 keys and 16 dims (the first operand of O^T), zero past the last key. All
+ *     query heads of a group read that copy. Keys come from tensors by stride, or from the paged
+ *     cache through a block table (`paged_causal_attention_amx_bf16`, all sequences of a step).
  *   - Queries are the last M of the L positions: query m, at position L - M + m, sees keys 0 .. its
  *     position (M == L: a prompt from position 0; M < L: a chunk after cached context).
- *   - Tiles: 0-3 the chunk's P V for 16 dims each, 4-5 the queries (32 dims each), 6 the packed
- *     K or V operand, 7 the scores and then the probabilities. So head dims of 32 and 64 run.
+ *   - Tiles: 0-3 the chunk's O^T for 16 dims each, 4-5 Q^T (32 dims each, in the second operand's
+ *     pairs of bf16), 6 K or V^T, 7 S^T and then P^T. So head dims of 32 and 64 run.
  *
- * Arithmetic: products in fp32 from bf16 inputs, exp_nonpositive (exp.h), probabilities rounded to
- * bf16 for P V, outputs O / sum rounded once to bf16. SDPA sums in another order, so results differ
- * from it within bf16's rounding. Threads: OpenMP over (sequence, head, query tile), the longest
- * tiles first; each thread configures its tiles and releases them before it returns.
+ * Arithmetic: products in fp32 from bf16 inputs, a degree-4 exp2 (6e-6 relative), probabilities
+ * rounded to bf16 for P V, outputs O / sum rounded once to bf16. SDPA sums in another order, so
+ * results differ from it within bf16's rounding. Threads: OpenMP over (sequence, head, query tile),
+ * the tiles that see the most keys first; each thread configures its tiles and releases them.
  *
  * Compiled where the compiler targets AMX-BF16 (-march=native on such a CPU); `amx_attention_ready`
  * asks Linux for the tile state once and says whether the kernel runs.
