@@ -47,6 +47,7 @@ LINEAR_KERNELS = ("auto", "aten", "onednn", "native")
 PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, and a row's output does not
 #                 depend on the other rows of the call (batch invariance), which hint 1 breaks
 NATIVE_ROWS = (1, 4, 8, 16)  # the row counts the native kernel is timed at; forced, it takes calls up to the last
+COLD_BYTES, COLD_COPIES = 64 * 2**20, 64  # kernels are timed over copies of a weight past the last-level cache
 _mode = os.environ.get("PONDER_CPU_LINEAR", "auto")
 _choices: dict[tuple, dict] = {}  # (shape, dtype, threads) -> {"kernel", "aten_us", "onednn_us", "native_rows", ...}
 # Linear -> (weight key, packed weight | None, the most rows a call may have to take the native kernel)
@@ -126,27 +127,58 @@ def _native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def _cold_copies(weight: Tensor) -> list[Tensor]:
+    """The weight and copies of it, COLD_BYTES in all (at most COLD_COPIES): timed in turn, each call reads
+    its weight from memory, as a decode step does, which reads every weight of the model once."""
+    n = min(COLD_COPIES, -(-COLD_BYTES // max(weight.numel() * weight.element_size(), 1)))
+    return [weight] + [weight.clone() for _ in range(n - 1)]
+
+
+def cold_times(calls: dict[str, object], copies: int, repeats: int = 5) -> dict[str, float]:
+    """The best time per call of each call(i) run over i = 0 .. copies - 1, repeats times after a warm-up,
+    the candidates in turn within each repeat, so that interference from elsewhere meets them alike."""
+    best = dict.fromkeys(calls, math.inf)
+    for rep in range(repeats + 1):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            for i in range(copies):
+                call(i)
+            if rep:
+                best[name] = min(best[name], (time.perf_counter() - t0) / copies)
+    return best
+
+
 def _choose(weight: Tensor, packed: Tensor | None) -> dict:
     """Time aten and oneDNN (where packed) on this weight at 1 and PACK_ROWS rows; oneDNN wins if 5%
-    faster in sum. Then the winner against the native kernel at NATIVE_ROWS rows."""
-    xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in (1, PACK_ROWS)]
-    aten = sum(best_of(lambda x=x: F.linear(x, weight)) for x in xs)
-    onednn = sum(best_of(lambda x=x: _onednn(x, packed, None)) for x in xs) if packed is not None else math.inf
+    faster in sum. Then the winner against the native kernel at NATIVE_ROWS rows. Every call reads its
+    weight from memory (`_cold_copies`): timed on a weight in cache, the native kernel won at 16 rows
+    where it lost by 10-25% from memory (one Zen 4 CPU)."""
+    ws = _cold_copies(weight)
+    packs = [packed] + [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) for w in ws[1:]] if packed is not None else []
+
+    def kernels(x: Tensor) -> dict:
+        calls = {"aten": lambda i: F.linear(x, ws[i])}
+        if packs:
+            calls["onednn"] = lambda i: _onednn(x, packs[i], None)
+        if _native_takes(weight):
+            calls["native"] = lambda i: _native(x, ws[i], None)
+        return cold_times(calls, len(ws))
+
+    times = {rows: kernels(torch.randn(rows, weight.shape[1], dtype=weight.dtype)) for rows in sorted({1, PACK_ROWS, *NATIVE_ROWS})}
+    aten = sum(times[rows]["aten"] for rows in (1, PACK_ROWS))
+    onednn = sum(times[rows]["onednn"] for rows in (1, PACK_ROWS)) if packs else math.inf
     kernel = "onednn" if onednn < 0.95 * aten else "aten"
     choice = {"kernel": kernel, "aten_us": aten * 1e6, "onednn_us": None if packed is None else onednn * 1e6,
               "native_rows": 0}  # None, not inf: the choices go into benchmarks' JSON
     if _native_takes(weight):
-        other = (lambda x: _onednn(x, packed, None)) if kernel == "onednn" else (lambda x: F.linear(x, weight))
-        xs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in NATIVE_ROWS]
-        mine = [best_of(lambda x=x: _native(x, weight, None)) for x in xs]
-        theirs = [best_of(lambda x=x: other(x)) for x in xs]
+        mine, theirs = ([times[rows][k] for rows in NATIVE_ROWS] for k in ("native", kernel))
         for rows, a, b in zip(NATIVE_ROWS, mine, theirs):
             if a >= 0.95 * b:
                 break
             choice["native_rows"] = rows
         choice |= {"native_us": [t * 1e6 for t in mine], f"{kernel}_us_at_native_rows": [t * 1e6 for t in theirs]}
-    log.info("linear %s %s, %d threads (%s): aten %.0f us, oneDNN prepacked %s us -> %s; native on calls of up to "
-             "%d rows", tuple(weight.shape), weight.dtype, torch.get_num_threads(),
+    log.info("linear %s %s, %d threads (%s), from memory: aten %.0f us, oneDNN prepacked %s us -> %s; native on "
+             "calls of up to %d rows", tuple(weight.shape), weight.dtype, torch.get_num_threads(),
              torch.backends.cpu.get_cpu_capability(), aten * 1e6,
              "(none)" if packed is None else f"{onednn * 1e6:.0f}", kernel, choice["native_rows"])
     return choice

@@ -73,6 +73,20 @@ def test_native_rows_are_one_rounding_of_the_exact_sum_and_do_not_depend_on_the_
         torch.testing.assert_close(lin(torch.cat([x, x])).double()[:len(x)], full.double(), rtol=2 ** -7, atol=1e-2)
 
 
+def test_kernels_are_timed_from_memory_over_copies_of_the_weight_in_turn():
+    """The choice times each kernel on copies of the weight that together pass the last-level cache
+    (COLD_BYTES), as a decode step reads it, and the candidates take turns within every repeat."""
+    w = torch.randn(576, 576, dtype=torch.bfloat16)
+    copies = layers._cold_copies(w)
+    assert copies[0] is w and len(copies) == min(layers.COLD_COPIES, -(-layers.COLD_BYTES // (576 * 576 * 2)))
+    assert all(torch.equal(c, w) and c.data_ptr() != w.data_ptr() for c in copies[1:])
+    assert len(layers._cold_copies(torch.randn(4, 4))) == layers.COLD_COPIES  # a small weight: capped
+    order = []
+    times = layers.cold_times({"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}, 3, repeats=2)
+    assert order == [(k, i) for _ in range(3) for k in "ab" for i in range(3)]  # a warm-up round, then 2 timed
+    assert set(times) == {"a", "b"} and all(0 <= t < 1 for t in times.values())
+
+
 @needs_kernel
 def test_auto_takes_native_only_up_to_the_rows_where_it_won():
     set_linear_kernel("auto")
