@@ -14,10 +14,10 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     (`warm_up_attention`);
   - paged (decode only, fp32 and bf16): a C kernel that reads the paged cache in place, with no
     gather or padding (runtime/paged_attention.py), where the host can build it;
-  - amx (causal prompts and chunks, bf16, head dims 32 and 64): flash attention with both products on
-    the AMX tile unit (csrc/causal_attention_amx.c), where the CPU has AMX-BF16 (vLLM's CPU backend
-    runs its own AMX attention there). A 1024-token prompt of SmolLM2's 9/3 heads: 1.6-1.9 ms against
-    SDPA's 2.9 (2 threads, one Xeon).
+  - flash (causal prompts and chunks, bf16, head dims 32 and 64): flash attention with both products on
+    the AMX tile unit where the CPU has AMX-BF16 (vLLM's CPU backend runs its own AMX attention there),
+    else in AVX-512 BF16 vectors (csrc/flash_attention.c). A 1024-token prompt of SmolLM2's 9/3 heads:
+    1.6-1.9 ms against SDPA's 2.9 on AMX (2 threads, one Xeon).
 On CPU the engine times the candidates once per case (decode; prompt; chunk; masked), dtype, head shape
 and thread count, on synthetic tensors at a short and a long context, and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. The
@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime import native, paged_attention
-from runtime.amx_attention import amx_attention, amx_available
+from runtime.flash_attention import flash_attention, flash_available
 from runtime.layers import best_of
 from runtime.norm_act import native_rows
 
 log = logging.getLogger(__name__)
 
-ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged", "amx")
+ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged", "flash")
 CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket queries and keys are padded to
 DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
 LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
@@ -52,7 +52,7 @@ _choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kerne
 
 def set_attention_kernel(mode: str) -> None:
     """`auto` (measure, the default; env PONDER_CPU_ATTENTION), or force a kernel on CPU (`grouped`
-    applies to causal prompts and decode steps, `paged` to decode steps, `amx` to causal prompts and
+    applies to causal prompts and decode steps, `paged` to decode steps, `flash` to causal prompts and
     chunks; other cases then run `sdpa`)."""
     global _mode
     if mode not in ATTENTION_KERNELS:
@@ -227,13 +227,13 @@ def _kernel_of(device: torch.device, dtype: torch.dtype, H: int, M: int, D: int,
         return "sdpa"
     case = ("prompt" if M == num_keys else "chunk") if causal else "decode" if M == 1 else "masked"
     if _mode != "auto":
-        takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",), "amx": ("prompt", "chunk")}.get(
+        takes = {"grouped": ("prompt", "chunk", "decode"), "paged": ("decode",), "flash": ("prompt", "chunk")}.get(
             _mode, (case,))
         if _mode == "paged" and not paged_attention.available(dtype, device):
             raise RuntimeError("the paged attention kernel is not built here (see the log), or not for this dtype")
-        if _mode == "amx" and case in takes and not amx_available(dtype, D):
-            raise RuntimeError("the AMX attention kernel does not run here: it needs bf16, head dim 32 or 64 and a "
-                               "CPU with AMX-BF16 (and the native kernels built)")
+        if _mode == "flash" and case in takes and not flash_available(dtype, D):
+            raise RuntimeError("the flash attention kernel does not run here: it needs bf16, head dim 32 or 64 and "
+                               "a CPU with AMX-BF16 or AVX-512 BF16 (and the native kernels built)")
         return _mode if case in takes else "sdpa"
     key = (case, dtype, H, num_kv_heads, D, torch.get_num_threads())
     if key not in _choices:
@@ -262,11 +262,11 @@ def _cases(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int) -> list[tupl
 def _candidates(case: str, dtype: torch.dtype, head_dim: int) -> list[str]:
     """The kernels besides SDPA worth timing: grouped GEMMs where their shapes are bounded, SDPA on
     fp32 copies where the input is not fp32 already, the paged kernel for decode where it is built,
-    and AMX tiles for causal prompts and chunks where the CPU has them."""
+    and flash attention for causal prompts and chunks where the CPU runs it."""
     paged = case == "decode" and paged_attention.available(dtype, torch.device("cpu"))
-    amx = case in ("prompt", "chunk") and amx_available(dtype, head_dim)
+    flash = case in ("prompt", "chunk") and flash_available(dtype, head_dim)
     return (["grouped"] if case != "masked" else []) + (["sdpa_fp32"] if dtype != torch.float32 else []) + \
-        (["paged"] if paged else []) + (["amx"] if amx else [])
+        (["paged"] if paged else []) + (["flash"] if flash else [])
 
 
 def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -278,8 +278,8 @@ def _run(kernel: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, caus
         return out[:, :, None]
     if kernel == "grouped":
         return grouped_attention(q, k, v) if causal else grouped_decode(q, k, v, mask)
-    if kernel == "amx":  # causal only (the cases it is a candidate for)
-        return amx_attention(q, k, v)
+    if kernel == "flash":  # causal only (the cases it is a candidate for)
+        return flash_attention(q, k, v)
     if kernel == "sdpa_fp32" and q.dtype != torch.float32:
         return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
     return _sdpa(q, k, v, mask, causal)

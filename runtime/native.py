@@ -11,8 +11,8 @@
   - csrc/causal_softmax.c: the causal mask and softmax of a block of attention scores in one pass
     (runtime/attention.py: grouped_attention);
   - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py);
-  - csrc/causal_attention_amx.c: causal attention of bf16 prompts on AMX tiles, where the CPU has them
-    (runtime/attention.py: the "amx" kernel).
+  - csrc/flash_attention.c: causal flash attention of bf16 prompts and chunks, on AMX tiles or in AVX-512
+    BF16 vectors, where the CPU has either (runtime/flash_attention.py; runtime/attention.py: "flash").
 
 The library is compiled with the host's C compiler (`cc`, or $CC) and -march=native, so it vectorizes
 for the CPU it runs on, and cached under $PONDER_KERNEL_CACHE (default ~/.cache/ponder/kernels) by a
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.c", "rope_cache.c", "norm_act.c", "exit_head.c",
-                                    "causal_softmax.c", "linear_rows.c", "causal_attention_amx.c")]
+                                    "causal_softmax.c", "linear_rows.c", "flash_attention.c")]
 # OpenMP binds to the libgomp torch has loaded (same soname); the kernels' exp is their own, vectorized.
 # -fno-trapping-math: no code reads floating-point exception flags, and with them kept gcc vectorizes
 # no loop with a floor or a select of products (silu_mul ran scalar, 5-9x slower than torch). It
@@ -60,10 +60,10 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes[, the suffi
     "exit_scores": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _i, _i, _i]),
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
     "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
-    "causal_attention_amx": (_i, ([_p] + [_i64] * 3) * 3 + [_p] + [_i64] * 3 + [_i] * 6 + [_f, _i], ("bf16",)),
-    "paged_causal_attention_amx": (_i, [_p] * 5 + [_i64] + [_p] * 3 + [_i] * 5 + [_i64, _f, _i], ("bf16",)),
+    "causal_flash_attention": (_i, ([_p] + [_i64] * 3) * 3 + [_p] + [_i64] * 3 + [_i] * 6 + [_f, _i], ("bf16",)),
+    "paged_causal_flash_attention": (_i, [_p] * 5 + [_i64] + [_p] * 3 + [_i] * 5 + [_i64, _f, _i], ("bf16",)),
 }
-PLAIN = {"amx_attention_ready": (_i, [])}  # functions of no element type
+PLAIN = {"flash_attention_unit": (_i, [])}  # functions of no element type
 
 
 def available(dtype: torch.dtype, device: torch.device) -> bool:

@@ -10,7 +10,7 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
     and run the block's MLP: one gather -> block call -> scatter per group, so the cost of a
     step scales with its active rows. A pure decode step attends in one padded call; otherwise
     each sequence attends over exactly its own context, in calls batched where that wastes little
-    (on AMX tiles, every whole prompt and chunk in one call over the cache in place; else whole
+    (on the flash kernel, every whole prompt and chunk in one call over the cache in place; else whole
     prompts per length bucket, causal; single rows together; `_attend_per_sequence`);
   - the coda and head run on each row's exit state.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from runtime import paged_attention
-from runtime.amx_attention import amx_paged_attention
+from runtime.flash_attention import flash_paged_attention
 from runtime.attention import CAUSAL_BLOCK, attend, causal_kernel, decode_in_place, warm_up_attention
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
@@ -43,9 +43,9 @@ Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 # A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
 # are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
 # Zen 4 CPU), so up to a quarter of a block it beats a padded block of 128 queries. Not where prompts
-# run on AMX tiles, which pay for 16 rows at a time, not 128: there the split cost 1.04x at 134 and
-# 1040 tokens (one AMX Xeon; with SDPA there it saved 1.5-4.5%, with grouped GEMMs 17%). Such prompts
-# take the AMX branch of `_attend_per_sequence` first.
+# run on the flash kernel, which pays for 16 rows at a time, not 128: on AMX tiles the split cost 1.04x
+# at 134 and 1040 tokens (one AMX Xeon; with SDPA there it saved 1.5-4.5%, with grouped GEMMs 17%).
+# Such prompts take the flash branch of `_attend_per_sequence` first.
 PROMPT_TAIL_ROWS = CAUSAL_BLOCK // 4
 
 
@@ -478,8 +478,9 @@ class Executor:
         context. Padding every sequence to the longest (one call) would cost a 1024-token prefill's
         attention once per decode row beside it, and one call per sequence costs a 16-prompt step 480
         calls. So the calls are batched where that wastes little:
-          - where causal rows run on AMX tiles (`amx`), every whole prompt and whole chunk after cached
-            context in one call over the cache in place, with no padding (`amx_paged_attention`);
+          - where causal rows run on the flash kernel (`flash`: AMX tiles or AVX-512 BF16), every whole
+            prompt and whole chunk after cached context in one call over the cache in place, with no
+            padding (`flash_paged_attention`);
           - else whole chunks from position 0 (prompts) in one causal call per length bucket
             (`CAUSAL_BLOCK` multiples): a shorter prompt's padded keys sit past all of its real
             queries, so the causal mask hides them, and its padded queries are dropped;
@@ -494,16 +495,16 @@ class Executor:
         out = empty_rows((len(q), q.shape[1] * q.shape[2]), q).view(q.shape)  # it feeds the output projection
         prompts: dict[int, list[tuple[int, int]]] = {}  # length bucket -> (rows start, rows)
         singles: list[int] = []  # rows
-        tiled: list[tuple[int, int, int, int]] = []  # (sequence, rows start, rows, context) for AMX tiles
+        flashed: list[tuple[int, int, int, int]] = []  # (sequence, rows start, rows, context) for the flash kernel
         tails = self._in_place(q, batch.tables.shape[1] * bs)  # prompt tails may join the single rows
-        tiles = q.dtype == self.cache.k.dtype == torch.bfloat16  # AMX tiles may read the cache in place
+        flash = q.dtype == self.cache.k.dtype == torch.bfloat16  # the flash kernel may read the cache in place
         at = 0
         for i, n in zip(present.tolist(), counts.tolist()):
             ctx, whole = batch.starts[i] + batch.lengths[i], n == batch.lengths[i]
             if n == 1:
                 singles.append(at)
-            elif whole and tiles and causal_kernel(q, Hkv, n, ctx) == "amx":
-                tiled.append((i, at, n, ctx))
+            elif whole and flash and causal_kernel(q, Hkv, n, ctx) == "flash":
+                flashed.append((i, at, n, ctx))
             elif whole and batch.starts[i] == 0:  # a whole prompt: causal from the top left
                 blocks = n - n % CAUSAL_BLOCK
                 if tails and blocks and n - blocks <= PROMPT_TAIL_ROWS:
@@ -521,9 +522,9 @@ class Executor:
                 q_seq = q[at : at + n].transpose(0, 1)[None]
                 out[at : at + n] = attend(q_seq, k, v, mask, causal=mask is None)[0].transpose(0, 1)
             at += n
-        if tiled:
-            seq, starts, lengths, ctx = (list(t) for t in zip(*tiled))
-            amx_paged_attention(q, *self.cache.in_place(slot), batch.tables[seq], starts, lengths, ctx, bs, out)
+        if flashed:
+            seq, starts, lengths, ctx = (list(t) for t in zip(*flashed))
+            flash_paged_attention(q, *self.cache.in_place(slot), batch.tables[seq], starts, lengths, ctx, bs, out)
         for group in prompts.values():
             self._attend_prompts(q, rows, slot, batch, group, out)
         if singles:

@@ -3,19 +3,21 @@ a chunk after cached context, a subset of its rows, a causal prompt over several
 auto mode measures and records its choice; grouped GEMMs run only a few GEMM shapes, whatever the
 batch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from runtime import attention, native
-from runtime.amx_attention import amx_attention, amx_available, amx_paged_attention
+from runtime.flash_attention import flash_attention, flash_available, flash_paged_attention, flash_unit
 from runtime.attention import (CAUSAL_BLOCK, attend, attention_kernel_choices,
                                causal_softmax_, grouped_attention, grouped_decode, set_attention_kernel,
                                warm_up_attention)
 
 needs_kernel = pytest.mark.skipif(not native.available(torch.float32, torch.device("cpu")),
                                   reason="no C compiler here: the native kernels are not built")
-needs_amx = pytest.mark.skipif(not amx_available(torch.bfloat16, 64), reason="no AMX-BF16 tiles on this CPU")
+needs_flash = pytest.mark.skipif(not flash_available(torch.bfloat16, 64), reason="neither AMX-BF16 nor AVX-512 BF16 here")
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +110,7 @@ def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
                                atol=3e-2, rtol=3e-2)
 
 
-@needs_amx
+@needs_flash
 @pytest.mark.parametrize("R, H, Hkv, M, L, D", [
     (1, 9, 3, 300, 300, 64),  # a prompt: past whole chunks of keys and whole tiles of queries
     (3, 4, 2, 17, 17, 32),  # several prompts, head dim 32
@@ -116,19 +118,19 @@ def test_every_forced_kernel_gives_sdpa_outputs_in_every_case(kernel):
     (2, 4, 4, 5, 133, 64),  # a short chunk after context, no grouping
     (1, 9, 3, 1, 1, 64),  # one token from position 0
 ])
-def test_amx_tiles_match_sdpa_on_causal_prompts_and_chunks(R, H, Hkv, M, L, D):
+def test_flash_matches_sdpa_on_causal_prompts_and_chunks(R, H, Hkv, M, L, D):
     torch.manual_seed(M + L)
     q = torch.randn(R, H, M, D, dtype=torch.bfloat16) * 2
     k, v = cache_layout(R, L, Hkv, D, torch.bfloat16) * 2, cache_layout(R, L, Hkv, D, torch.bfloat16)
-    got = amx_attention(q, k, v)
+    got = flash_attention(q, k, v)
     assert got.shape == (R, H, M, D) and got.transpose(1, 2).is_contiguous()  # rows laid out (R, M, H, D)
     torch.testing.assert_close(got.double(), reference(q, k, v, None, True), atol=2e-2, rtol=2e-2)
-    set_attention_kernel("amx")  # forced, through attend
+    set_attention_kernel("flash")  # forced, through attend
     torch.testing.assert_close(attend(q, k, v, causal=True), got, atol=0, rtol=0)
 
 
-@needs_amx
-def test_amx_over_the_paged_cache_in_place_matches_sdpa_for_sequences_of_a_step():
+@needs_flash
+def test_flash_over_the_paged_cache_in_place_matches_sdpa_for_sequences_of_a_step():
     """Three sequences of one step over scattered blocks: a 70-token prompt, a chunk of 20 after 45
     cached positions, a 3-token prompt; each writes its own rows of the output."""
     torch.manual_seed(1)
@@ -139,7 +141,7 @@ def test_amx_over_the_paged_cache_in_place_matches_sdpa_for_sequences_of_a_step(
     starts = [0, 70, 90]
     q = torch.randn(93, H, D, dtype=torch.bfloat16)
     out = torch.full_like(q, float("nan"))
-    amx_paged_attention(q, k_cache, v_cache, tables, starts, rows, ctx, bs, out)
+    flash_paged_attention(q, k_cache, v_cache, tables, starts, rows, ctx, bs, out)
     for s in range(3):
         keys = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in tables[s].tolist()])[: ctx[s]]
         k, v = (c[keys].transpose(0, 1)[None] for c in (k_cache, v_cache))  # (1, Hkv, L, D)
@@ -147,21 +149,35 @@ def test_amx_over_the_paged_cache_in_place_matches_sdpa_for_sequences_of_a_step(
         got = out[starts[s] : starts[s] + rows[s]].transpose(0, 1)[None]
         torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="outside tables"):  # a context past its table
-        amx_paged_attention(q, k_cache, v_cache, tables, starts, rows, [70, 65, 81], bs, out)
+        flash_paged_attention(q, k_cache, v_cache, tables, starts, rows, [70, 65, 81], bs, out)
     with pytest.raises(ValueError, match="do not fit"):  # rows past q
-        amx_paged_attention(q, k_cache, v_cache, tables, starts, [70, 20, 4], ctx, bs, out)
+        flash_paged_attention(q, k_cache, v_cache, tables, starts, [70, 20, 4], ctx, bs, out)
 
 
-@needs_amx
-def test_amx_refuses_what_it_cannot_run():
+@needs_flash
+def test_flash_refuses_what_it_cannot_run():
     q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)  # head dim 16
     with pytest.raises(RuntimeError, match="head dim 16"):
-        amx_attention(q, cache_layout(1, 8, 2, 16, torch.bfloat16), cache_layout(1, 8, 2, 16, torch.bfloat16))
+        flash_attention(q, cache_layout(1, 8, 2, 16, torch.bfloat16), cache_layout(1, 8, 2, 16, torch.bfloat16))
     with pytest.raises(ValueError, match="do not fit"):
-        amx_attention(q.float(), cache_layout(1, 8, 2, 16, torch.float32), cache_layout(1, 8, 2, 16, torch.float32))
-    set_attention_kernel("amx")
-    with pytest.raises(RuntimeError, match="AMX attention kernel does not run here"):
+        flash_attention(q.float(), cache_layout(1, 8, 2, 16, torch.float32), cache_layout(1, 8, 2, 16, torch.float32))
+    set_attention_kernel("flash")
+    with pytest.raises(RuntimeError, match="flash attention kernel does not run here"):
         attend(q.float(), cache_layout(1, 8, 2, 16, torch.float32), cache_layout(1, 8, 2, 16, torch.float32), causal=True)
+
+
+def test_the_flash_unit_is_what_this_cpu_has():
+    """AMX tiles where the CPU has AMX-BF16, else AVX-512 BF16 vectors, else none (the kernel is no candidate)."""
+    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    unit = flash_unit()
+    if not native.available(torch.bfloat16, torch.device("cpu")):
+        assert unit is None
+    elif {"amx_bf16", "amx_tile"} <= flags:
+        assert unit in ("amx", None)  # None: Linux refused the tile state
+    elif "avx512_bf16" in flags:
+        assert unit == "avx512_bf16"
+    else:
+        assert unit is None and not flash_available(torch.bfloat16, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -202,8 +218,8 @@ def test_a_mask_and_causal_together_are_refused():
 
 
 def test_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match="must be one of auto, sdpa, sdpa_fp32, grouped, paged"):
-        set_attention_kernel("flash")
+    with pytest.raises(ValueError, match="must be one of auto, sdpa, sdpa_fp32, grouped, paged, flash"):
+        set_attention_kernel("amx")  # the flash kernel's name before it also ran in AVX-512 BF16 vectors
 
 
 def test_grouped_gemms_run_few_shapes_whatever_the_batch():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runtime import attention
-from runtime.amx_attention import amx_available
+from runtime.flash_attention import flash_available
 from runtime.config import ModelConfig
 from runtime.engine.executor import Executor, SeqInput
 from runtime.engine.kv_cache import PagedKVCache
@@ -167,13 +167,13 @@ def test_a_prompts_last_rows_past_its_blocks_attend_as_single_rows_and_match_the
             torch.testing.assert_close(out.logits, ref.logits[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_kernel", ["amx"], indirect=True)
-def test_prompts_and_chunks_on_amx_tiles_attend_in_one_call_over_the_cache_in_place(monkeypatch, attention_kernel):
-    """Where causal rows run on AMX tiles, a step's whole prompts and chunks after context (here a
+@pytest.mark.parametrize("attention_kernel", ["flash"], indirect=True)
+def test_prompts_and_chunks_on_the_flash_kernel_attend_in_one_call_over_the_cache_in_place(monkeypatch, attention_kernel):
+    """Where causal rows run on the flash kernel, a step's whole prompts and chunks after context (here a
     134-token prompt, a 40-token one and a chunk of 7 after 9 cached tokens) are one call a layer over
     the cache in place: no padded prompt, no tail of single rows, no gathered keys."""
-    if not amx_available(torch.bfloat16, 64):
-        pytest.skip("no AMX-BF16 tiles on this CPU")
+    if not flash_available(torch.bfloat16, 64):
+        pytest.skip("neither AMX-BF16 nor AVX-512 BF16 here")
     from runtime.engine import executor as executor_module
 
     torch.manual_seed(7)
@@ -185,8 +185,8 @@ def test_prompts_and_chunks_on_amx_tiles_attend_in_one_call_over_the_cache_in_pl
     tables = [list(range(0, 34)), list(range(34, 44)), list(range(44, 48))]
     executor.run([SeqInput(prompts[2][:9], 0, tables[2])])  # 9 tokens cached
     calls, gathers = [], []
-    amx = executor_module.amx_paged_attention
-    monkeypatch.setattr(executor_module, "amx_paged_attention", lambda *a: calls.append(a[5]) or amx(*a))
+    flash = executor_module.flash_paged_attention
+    monkeypatch.setattr(executor_module, "flash_paged_attention", lambda *a: calls.append(a[5]) or flash(*a))
     monkeypatch.setattr(executor_module, "attend", lambda *a, **k: pytest.fail("attend: a padded or gathered call"))
     monkeypatch.setattr(cache, "gather", lambda *a: gathers.append(a))
     outs = executor.run([SeqInput(prompts[0], 0, tables[0]), SeqInput(prompts[1], 0, tables[1]),
@@ -226,12 +226,12 @@ def test_bf16_exits_match_the_reference_at_prices_equal_to_scores():
             assert depths == model(torch.tensor([p]), ExitSpec(price=price)).depth[0].tolist()
 
 
-@pytest.mark.parametrize("attention_kernel", ["amx"], indirect=True)
-def test_bf16_prompts_and_chunks_on_amx_tiles_match_the_reference(attention_kernel):
-    """Head dim 64 in bf16, prompts and chunks after cached context on the AMX kernel, single rows
+@pytest.mark.parametrize("attention_kernel", ["flash"], indirect=True)
+def test_bf16_prompts_and_chunks_on_the_flash_kernel_match_the_reference(attention_kernel):
+    """Head dim 64 in bf16, prompts and chunks after cached context on the flash kernel, single rows
     on the paged one: the logits stay the reference forward's, within bf16's rounding."""
-    if not amx_available(torch.bfloat16, 64):
-        pytest.skip("no AMX-BF16 tiles on this CPU")
+    if not flash_available(torch.bfloat16, 64):
+        pytest.skip("neither AMX-BF16 nor AVX-512 BF16 here")
     torch.manual_seed(6)
     rng = random.Random(6)
     cfg = ModelConfig.from_name("tiny", n_pool=2, max_depth=2, d_model=128, n_heads=2, n_kv_heads=1, max_seq_len=512)

@@ -1,29 +1,35 @@
-/* Causal attention of bf16 prompts and chunks on AMX tiles, flash-style (runtime/attention.py: "amx").
+/* Causal attention of bf16 prompts and chunks, flash-style (runtime/attention.py: "flash"), with both
+ * products on the AMX tile unit where the CPU has AMX-BF16, else in AVX-512 BF16 vectors (vdpbf16ps).
  *
  * On a 2-core AMX Xeon, torch's bf16 SDPA ran a 1024-token causal prompt of SmolLM2's 9/3 heads of 64
  * at about 400 GFLOP/s, and batched GEMMs did worse. vLLM's CPU backend runs its own AMX attention
- * there, and the prefill of long prompts was where Ponder fell behind it. Here both products run on
- * the tile unit, 16 query rows at a time, over keys in chunks of KC with an online softmax (running
- * max and sum in fp32, as flash attention does). They run transposed, S^T = K Q^T and O^T = V^T P^T,
- * so that each query is a lane and the softmax needs no reduction across a register (one per row and
- * chunk had made the softmax 1.6 of a 2.5 ms prompt).
+ * there, and the prefill of long prompts was where Ponder fell behind it. On a Zen 4 (AVX-512 BF16, no
+ * AMX) the grouped GEMMs ran 134-token prompts at about 90 GFLOP/s: a square block of 128 queries,
+ * half of it masked, and copies of the keys and of the padded queries around it. Here both products
+ * run 16 query rows at a time, over keys in chunks of KC with an online softmax (running max and sum in
+ * fp32, as flash attention does). They run transposed, S^T = K Q^T and O^T = V^T P^T, so that each
+ * query is a lane and the softmax needs no reduction across a register (one per row and chunk had
+ * made the softmax 1.6 of a 2.5 ms prompt on AMX).
  *
  *   - Each sequence's keys and values are first packed per KV head: K as rows of D (the first operand
  *     of S^T), V^T per 32 keys and 16 dims (the first operand of O^T), zero past the last key. All
  *     query heads of a group read that copy. Keys come from tensors by stride, or from the paged
- *     cache through a block table (`paged_causal_attention_amx_bf16`, all sequences of a step).
+ *     cache through a block table (`paged_causal_flash_attention_bf16`, all sequences of a step).
  *   - Queries are the last M of the L positions: query m, at position L - M + m, sees keys 0 .. its
  *     position (M == L: a prompt from position 0; M < L: a chunk after cached context).
- *   - Tiles: 0-3 the chunk's O^T for 16 dims each, 4-5 Q^T (32 dims each, in the second operand's
- *     pairs of bf16), 6 K or V^T, 7 S^T and then P^T. So head dims of 32 and 64 run.
+ *   - Q^T holds a pair of bf16 dims per 32-bit lane, P^T a pair of keys: the pairs vdpbf16ps (and the
+ *     tiles' dot product) multiply and add. AMX: tiles 0-3 the chunk's O^T for 16 dims each, 4-5 Q^T
+ *     (32 dims each), 6 K or V^T, 7 S^T and then P^T. Vectors: a key's pair of dims, or a dim's pair of
+ *     keys, broadcast against a register of 16 queries, 16 sums in registers at a time.
+ *     Head dims of 32 and 64 run.
  *
  * Arithmetic: products in fp32 from bf16 inputs, a degree-4 exp2 (6e-6 relative), probabilities
  * rounded to bf16 for P V, outputs O / sum rounded once to bf16. SDPA sums in another order, so
  * results differ from it within bf16's rounding. Threads: OpenMP over (sequence, head, query tile),
- * the tiles that see the most keys first; each thread configures its tiles and releases them.
+ * the tiles that see the most keys first; on AMX each thread configures its tiles and releases them.
  *
- * Compiled where the compiler targets AMX-BF16 (-march=native on such a CPU); `amx_attention_ready`
- * asks Linux for the tile state once and says whether the kernel runs.
+ * Compiled where the compiler targets AMX-BF16 or AVX-512 BF16 (-march=native on such a CPU);
+ * `flash_attention_unit` says which runs (for AMX it asks Linux for the tile state once).
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,13 +39,15 @@
 #include "bf16.h"
 #include "exp.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(HAVE_BF16_VEC)
+#if defined(HAVE_BF16_VEC) && defined(__AVX512F__)
+#define HAVE_FLASH 1
+#define KC 128 /* keys per chunk of the online softmax */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define HAVE_AMX 1
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define KC 128 /* keys per chunk of the online softmax */
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -49,10 +57,11 @@ typedef struct {
 
 static int amx_permitted = -1; /* -1: not asked yet */
 
-int amx_attention_ready(void) {
+static int amx_ready(void) {
     if (amx_permitted < 0) amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     return amx_permitted;
 }
+#endif
 
 /* Where a sequence's keys (or values) of one head lie: row `key` at base + key * sl, or in a paged cache
  * through a block table (block table[key / bs], row key % bs of it, rows sl apart). */
@@ -111,6 +120,98 @@ static inline __attribute__((always_inline)) __mmask16 seen_by(int key, int firs
     return d <= 0 ? 0xffff : d >= 16 ? 0 : (__mmask16)(0xffffu << d);
 }
 
+/* The two products of a query tile, on AMX tiles or in vectors. Q^T: (D / 2) rows of 16 lanes, each a pair
+ * of dims; K: rows of D per key; S^T: 16 floats per key; P^T: 16 lanes per pair of keys; V^T: per 32 keys
+ * and 16 dims, 16 rows (dims) of 16 pairs of keys (pack_values). */
+#ifdef HAVE_AMX
+#define INLINE static inline __attribute__((always_inline))
+INLINE void load_queries(const uint16_t *qt, int chunks) {
+    _tile_loadd(4, qt, 64); /* tile numbers are immediates: no loops over them */
+    if (chunks == 2) _tile_loadd(5, qt + 512, 64);
+}
+
+/* S^T of 16 keys from k (rows of D) into st (16 x 16 floats). */
+INLINE void scores16(const uint16_t *qt, const uint16_t *k, int D, float *st) {
+    (void)qt;
+    _tile_zero(7);
+    _tile_loadd(6, k, D * sizeof(uint16_t));
+    _tile_dpbf16ps(7, 6, 4);
+    if (D == 64) {
+        _tile_loadd(6, k + 32, D * sizeof(uint16_t));
+        _tile_dpbf16ps(7, 6, 5);
+    }
+    _tile_stored(7, st, 64);
+}
+
+/* ot (D x 16) = ot * alpha + V^T P^T over `subchunks` of 32 keys. */
+INLINE void add_values(const uint16_t *pt, const uint16_t *vt, int subchunks, int D, __m512 alpha, float *ot) {
+    float tt[64 * 16] __attribute__((aligned(64)));
+    const int dtiles = D / 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (dtiles == 4) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int s = 0; s < subchunks; s++, vt += dtiles * 512) {
+        _tile_loadd(7, pt + s * 512, 64);
+        _tile_loadd(6, vt, 64);
+        _tile_dpbf16ps(0, 6, 7);
+        _tile_loadd(6, vt + 512, 64);
+        _tile_dpbf16ps(1, 6, 7);
+        if (dtiles == 4) {
+            _tile_loadd(6, vt + 1024, 64);
+            _tile_dpbf16ps(2, 6, 7);
+            _tile_loadd(6, vt + 1536, 64);
+            _tile_dpbf16ps(3, 6, 7);
+        }
+    }
+    _tile_stored(0, tt, 64);
+    _tile_stored(1, tt + 256, 64);
+    if (dtiles == 4) {
+        _tile_stored(2, tt + 512, 64);
+        _tile_stored(3, tt + 768, 64);
+    }
+    for (int d = 0; d < D; d++)
+        _mm512_store_ps(ot + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(ot + 16 * d), alpha, _mm512_load_ps(tt + 16 * d)));
+}
+#else
+#define INLINE static inline __attribute__((always_inline))
+INLINE void load_queries(const uint16_t *qt, int chunks) { (void)qt, (void)chunks; }
+
+/* S^T of 16 keys: for each pair of dims, the keys' pair broadcast against the 16 queries' pair. */
+INLINE void scores16(const uint16_t *qt, const uint16_t *k, int D, float *st) {
+    const uint32_t *kp = (const uint32_t *)k;
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < D / 2; p++) {
+        const __m512bh qp = (__m512bh)_mm512_load_si512(qt + 32 * p);
+        for (int j = 0; j < 16; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32((int)kp[j * (D / 2) + p]), qp);
+    }
+    for (int j = 0; j < 16; j++) _mm512_store_ps(st + 16 * j, acc[j]);
+}
+
+/* ot (D x 16) = ot * alpha + V^T P^T: for 16 dims at a time, each pair of keys' values broadcast against
+ * the 16 queries' pair of probabilities. */
+INLINE void add_values(const uint16_t *pt, const uint16_t *vt, int subchunks, int D, __m512 alpha, float *ot) {
+    const int dtiles = D / 16;
+    for (int dt = 0; dt < dtiles; dt++) {
+        __m512 acc[16];
+        for (int dd = 0; dd < 16; dd++) acc[dd] = _mm512_mul_ps(_mm512_load_ps(ot + 16 * (16 * dt + dd)), alpha);
+        for (int s = 0; s < subchunks; s++) {
+            const uint32_t *tile = (const uint32_t *)(vt + ((int64_t)s * dtiles + dt) * 512); /* 16 dims x 16 pairs */
+            for (int kk = 0; kk < 16; kk++) {
+                const __m512bh pp = (__m512bh)_mm512_load_si512(pt + (s * 16 + kk) * 32);
+                for (int dd = 0; dd < 16; dd++)
+                    acc[dd] = _mm512_dpbf16_ps(acc[dd], (__m512bh)_mm512_set1_epi32((int)tile[dd * 16 + kk]), pp);
+            }
+        }
+        for (int dd = 0; dd < 16; dd++) _mm512_store_ps(ot + 16 * (16 * dt + dd), acc[dd]);
+    }
+}
+#endif
+
 /* One tile of 16 query rows (rows past M are zeros and dropped) of one head over its packed keys and values.
  * It runs transposed, S^T = K Q^T and O^T = V^T P^T, so that each of the 16 queries is a lane: the max, the
  * sum and the rescaling of the online softmax are vertical ops, with no reduction across a register. */
@@ -119,7 +220,7 @@ static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o
     uint16_t qt[2 * 512] __attribute__((aligned(64)));    /* Q^T per 32 dims: row kk, lane m: dims 2kk, 2kk + 1 */
     uint16_t pt[KC / 2 * 32] __attribute__((aligned(64))); /* P^T: row kk, lane m: keys 2kk, 2kk + 1 */
     float st[KC * 16] __attribute__((aligned(64)));        /* S^T: a key per row, a query per lane */
-    float ot[64 * 16] __attribute__((aligned(64))), tt[64 * 16] __attribute__((aligned(64))); /* O^T, a chunk's */
+    float ot[64 * 16] __attribute__((aligned(64)));        /* O^T: a dim per row, a query per lane */
     const int chunks = D / 32, dtiles = D / 16;
     const float scale2 = scale * 1.44269504f; /* scores to log2 units: exp(x) = 2^(x log2 e) */
     const __m512 c = _mm512_set1_ps(scale2);
@@ -134,21 +235,11 @@ static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o
                                     _mm512_loadu_si512(q + (int64_t)m * q_sm + 2 * p), 4);
     memset(ot, 0, sizeof ot);
     __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-    _tile_loadd(4, qt, 64); /* tile numbers are immediates: no loops over them */
-    if (chunks == 2) _tile_loadd(5, qt + 512, 64);
+    load_queries(qt, chunks);
     const int last = first_pos + 15 < L - 1 ? first_pos + 15 : L - 1; /* the furthest key a lane sees */
     for (int kc = 0; kc <= last; kc += KC) {
         const int keys = last + 1 - kc < KC ? last + 1 - kc : KC, subchunks = (keys + 31) / 32;
-        for (int t = 0; t < (keys + 15) / 16; t++) { /* S^T for 16 keys at a time */
-            _tile_zero(7);
-            _tile_loadd(6, kpack + (int64_t)(kc + 16 * t) * D, D * sizeof(uint16_t));
-            _tile_dpbf16ps(7, 6, 4);
-            if (chunks == 2) {
-                _tile_loadd(6, kpack + (int64_t)(kc + 16 * t) * D + 32, D * sizeof(uint16_t));
-                _tile_dpbf16ps(7, 6, 5);
-            }
-            _tile_stored(7, st + t * 256, 64);
-        }
+        for (int t = 0; t < (keys + 15) / 16; t++) scores16(qt, kpack + (int64_t)(kc + 16 * t) * D, D, st + t * 256);
         __m512 m = _mm512_set1_ps(-INFINITY);
         for (int j = 0; j < keys; j++) m = _mm512_mask_max_ps(m, seen_by(kc + j, first_pos), m, _mm512_load_ps(st + 16 * j));
         const __m512 m_new = _mm512_max_ps(mx, _mm512_mul_ps(m, c));
@@ -168,34 +259,7 @@ static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o
             _mm512_store_si512(pt + j / 2 * 32, _mm512_permutexvar_epi16(interleave, pair));
         }
         mx = m_new;
-        _tile_zero(0);
-        _tile_zero(1);
-        if (dtiles == 4) {
-            _tile_zero(2);
-            _tile_zero(3);
-        }
-        for (int s = 0; s < subchunks; s++) { /* this chunk's O^T = V^T P^T, 32 keys at a time */
-            _tile_loadd(7, pt + s * 512, 64);
-            const uint16_t *vt = vpack + ((int64_t)(kc / 32 + s) * dtiles) * 512;
-            _tile_loadd(6, vt, 64);
-            _tile_dpbf16ps(0, 6, 7);
-            _tile_loadd(6, vt + 512, 64);
-            _tile_dpbf16ps(1, 6, 7);
-            if (dtiles == 4) {
-                _tile_loadd(6, vt + 1024, 64);
-                _tile_dpbf16ps(2, 6, 7);
-                _tile_loadd(6, vt + 1536, 64);
-                _tile_dpbf16ps(3, 6, 7);
-            }
-        }
-        _tile_stored(0, tt, 64);
-        _tile_stored(1, tt + 256, 64);
-        if (dtiles == 4) {
-            _tile_stored(2, tt + 512, 64);
-            _tile_stored(3, tt + 768, 64);
-        }
-        for (int d = 0; d < D; d++)
-            _mm512_store_ps(ot + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(ot + 16 * d), alpha, _mm512_load_ps(tt + 16 * d)));
+        add_values(pt, vpack + (int64_t)(kc / 32) * dtiles * 512, subchunks, D, alpha, ot);
     }
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
     for (int d = 0; d < D; d++) _mm512_store_ps(ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(ot + 16 * d), inv));
@@ -203,11 +267,20 @@ static void query_tile(const uint16_t *q, int64_t q_sm, uint16_t *out, int64_t o
         for (int d = 0; d < D; d += 16)
             bf16x16_store(out + (int64_t)m * o_sm + d, _mm512_i32gather_ps(pair_rows, ot + 16 * d + m, 4));
 }
-#else
-int amx_attention_ready(void) { return 0; }
 #endif
 
-#ifdef HAVE_AMX
+/* 2: AMX tiles run the kernel (Linux granted their state); 1: AVX-512 BF16 vectors; 0: it does not run here. */
+int flash_attention_unit(void) {
+#if defined(HAVE_AMX)
+    return amx_ready() ? 2 : 0;
+#elif defined(HAVE_FLASH)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef HAVE_FLASH
 /* One sequence of a call: its M query rows (the last M of its L positions) and where its keys and values lie. */
 typedef struct {
     const uint16_t *q;
@@ -262,11 +335,13 @@ static int run(sequence *seqs, int S, int H, int Hkv, int D, float scale, int th
                 pack_keys(k, q->L, q->Lp, D, kpack + at);
                 pack_values(v, q->L, q->Lp, D, vpack + at);
             }
+#ifdef HAVE_AMX
         tile_config cfg;
         memset(&cfg, 0, sizeof cfg);
         cfg.palette_id = 1;
         for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
         _tile_loadconfig(&cfg);
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < items; i++) {
             const work w = todo[i];
@@ -276,7 +351,9 @@ static int run(sequence *seqs, int S, int H, int Hkv, int D, float scale, int th
             query_tile(q->q + w.head * q->q_sh + m0 * q->q_sm, q->q_sm, q->out + w.head * q->o_sh + m0 * q->o_sm,
                        q->o_sm, rows, w.first_pos, q->L, D, scale, kpack + at, vpack + at);
         }
+#ifdef HAVE_AMX
         _tile_release();
+#endif
     }
     free(kpack);
     free(todo);
@@ -285,14 +362,14 @@ static int run(sequence *seqs, int S, int H, int Hkv, int D, float scale, int th
 #endif
 
 /* q (R, H, M, D), k and v (R, Hkv, L, D), out (R, H, M, D), each by strides in elements (per sequence,
- * head, row; dims contiguous). Returns 0; -1: no memory; -3: no AMX here (see amx_attention_ready);
+ * head, row; dims contiguous). Returns 0; -1: no memory; -3: the kernel does not run here (flash_attention_unit);
  * -4: a head dim other than 32 or 64, or M > L. */
-int causal_attention_amx_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int64_t q_sm, const uint16_t *k,
+int causal_flash_attention_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int64_t q_sm, const uint16_t *k,
                               int64_t k_sr, int64_t k_sh, int64_t k_sl, const uint16_t *v, int64_t v_sr, int64_t v_sh,
                               int64_t v_sl, uint16_t *out, int64_t o_sr, int64_t o_sh, int64_t o_sm, int R, int H,
                               int Hkv, int M, int L, int D, float scale, int threads) {
-#ifdef HAVE_AMX
-    if (!amx_attention_ready()) return -3;
+#ifdef HAVE_FLASH
+    if (!flash_attention_unit()) return -3;
     sequence *seqs = malloc((size_t)R * sizeof(sequence) + 1);
     if (!seqs) return -1;
     for (int r = 0; r < R; r++)
@@ -313,12 +390,12 @@ int causal_attention_amx_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int
  * from row starts[s] of q (n, H, D) and out (n, H, D), the last of its ctx[s] positions, whose keys and values
  * are in k_cache, v_cache (num_blocks * bs, Hkv, D) through tables (S, W). Returns as above; -2: a context
  * past its table, or a block id outside the cache. */
-int paged_causal_attention_amx_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
+int paged_causal_flash_attention_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
                                     const int64_t *tables, int64_t W, const int64_t *starts, const int64_t *rows,
                                     const int64_t *ctx, int S, int H, int Hkv, int D, int bs, int64_t num_blocks,
                                     float scale, int threads) {
-#ifdef HAVE_AMX
-    if (!amx_attention_ready()) return -3;
+#ifdef HAVE_FLASH
+    if (!flash_attention_unit()) return -3;
     for (int s = 0; s < S; s++) {
         if (ctx[s] > W * bs || ctx[s] < rows[s]) return -2;
         for (int64_t b = 0; b < (ctx[s] + bs - 1) / bs; b++)
