@@ -52,6 +52,19 @@ INLINE void prefetch_row(const void *base, const int64_t *table, int64_t t, int6
 
 #define PREFETCH_AHEAD 8
 
+/* And into L2, FAR_AHEAD positions on, with the first FAR_AHEAD keys and values of an item asked for at
+ * its start: a few rows in flight at a time left the kernel waiting on memory (16 decode rows over 130
+ * positions of a 755 MB cache, 2 threads, one Zen 4: 148 us a layer, 98 with this; 16 over 1024
+ * positions: 1284 against 789). FAR_AHEAD rows of keys and of values are 64 KB at D = 128 in bf16. */
+#define FAR_AHEAD 256
+
+INLINE void prefetch_far(const void *base, const int64_t *table, int64_t t, int64_t n, int64_t block_size,
+                         int64_t row_stride, int D, int bf16) {
+    if (t >= n) return;
+    const char *p = (const char *)base + row_of(table, t, block_size, row_stride) * (bf16 ? 2 : 4);
+    for (int b = 0; b < D * (bf16 ? 2 : 4); b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
 #ifdef HAVE_BF16_VEC
 #define BF16_DOT 1 /* vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32 */
 
@@ -81,6 +94,7 @@ static void bf16_scores(const uint16_t *q, const uint16_t *k, const int64_t *tab
         for (int i = 0; i < 16; i++) {
             rows[i] = k + row_of(table, t0 + (i < cnt ? i : 0), block_size, row_stride);
             prefetch_row(k, table, t0 + 16 + i, n, block_size, row_stride, D, 1);
+            prefetch_far(k, table, t0 + FAR_AHEAD + i, n, block_size, row_stride, D, 1);
         }
         for (int j = 0; j < g; j++) {
             __m512 acc[16];
@@ -106,6 +120,7 @@ INLINE void bf16_values(const float *p, const uint16_t *v, const int64_t *table,
             for (int c = 0; c < D / 16; c++) sum[j][c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
             prefetch_row(v, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, 1);
+            if (j0 == 0) prefetch_far(v, table, t + FAR_AHEAD, n, block_size, row_stride, D, 1);
             const uint16_t *row = v + row_of(table, t, block_size, row_stride);
             __m512 x[MAX_HEAD_DIM / 16];
             for (int c = 0; c < D / 16; c++) x[c] = bf16x16_load(row + 16 * c);
@@ -129,6 +144,10 @@ INLINE void attend_item(const float *q, const void *q_raw, float scale, const vo
                         const int64_t *table, int64_t n, int64_t block_size, int64_t row_stride, int g, int D,
                         float *scores, float *acc, int bf16) {
     float row_f[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < FAR_AHEAD && t < n; t++) {
+        prefetch_far(k, table, t, n, block_size, row_stride, D, bf16);
+        prefetch_far(v, table, t, n, block_size, row_stride, D, bf16);
+    }
 #if BF16_DOT
     if (bf16 && D % 32 == 0)
         bf16_scores(q_raw, k, table, n, block_size, row_stride, g, D, scale, scores);
@@ -136,6 +155,7 @@ INLINE void attend_item(const float *q, const void *q_raw, float scale, const vo
 #endif
     for (int64_t t = 0; t < n; t++) {
         prefetch_row(k, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, bf16);
+        prefetch_far(k, table, t + FAR_AHEAD, n, block_size, row_stride, D, bf16);
         load_row(k, row_of(table, t, block_size, row_stride), D, row_f, bf16);
         for (int j = 0; j < g; j++) {
             const float *qj = q + j * D;
@@ -169,6 +189,7 @@ INLINE void attend_item(const float *q, const void *q_raw, float scale, const vo
     memset(acc, 0, sizeof(float) * g * D);
     for (int64_t t = 0; t < n; t++) {
         prefetch_row(v, table, t + PREFETCH_AHEAD, n, block_size, row_stride, D, bf16);
+        prefetch_far(v, table, t + FAR_AHEAD, n, block_size, row_stride, D, bf16);
         load_row(v, row_of(table, t, block_size, row_stride), D, row_f, bf16);
         for (int j = 0; j < g; j++) {
             float p = scores[j * n + t], *aj = acc + j * D;
