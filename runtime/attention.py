@@ -19,7 +19,8 @@ fp32, and a 1024-token causal prompt 10 ms in both. So for bf16 there are two mo
     else in AVX-512 BF16 vectors (csrc/flash_attention.c). A 1024-token prompt of SmolLM2's 9/3 heads:
     1.6-1.9 ms against SDPA's 2.9 on AMX (2 threads, one Xeon).
 On CPU the engine times the candidates once per case (decode; prompt; chunk; masked), dtype, head shape
-and thread count, on synthetic tensors at a short and a long context, and runs at each context
+and thread count, on synthetic tensors at a short and a long context, the candidates taking turns
+within each repeat (so that interference from elsewhere meets them alike), and runs at each context
 (below or from LONG_CONTEXT keys) the fastest that is 5% faster than SDPA there, else SDPA. The
 paged kernel is timed on a cache holding the same keys; the others on gathered keys, plus the time of
 the gather they need. On CUDA and MPS SDPA runs.
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from runtime import native, paged_attention
 from runtime.flash_attention import flash_attention, flash_available
-from runtime.layers import best_of
+from runtime.layers import best_in_turn
 from runtime.norm_act import native_rows
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_fp32", "grouped", "paged", "flash")
 CAUSAL_BLOCK = 128  # query rows per GEMM in a causal prompt, and the bucket queries and keys are padded to
 DECODE_KEYS = 256  # a decode step's keys are padded to a multiple of this (its sequences to a power of two)
 LONG_CONTEXT = 512  # keys from which the kernel measured at the long context runs, below it the short one
-_mode = os.environ.get("PONDER_CPU_ATTENTION", "auto")
+_mode = "auto"  # or the env var's, checked below
 _choices: dict[tuple, dict] = {}  # (case, dtype, H, Hkv, D, threads) -> {"kernels": [short, long], "<kernel>_us"}
 
 
@@ -59,6 +60,12 @@ def set_attention_kernel(mode: str) -> None:
         raise ValueError(f"attention kernel {mode!r} must be one of {', '.join(ATTENTION_KERNELS)}")
     _mode = mode
     _choices.clear()
+
+
+try:
+    set_attention_kernel(os.environ.get("PONDER_CPU_ATTENTION", "auto"))
+except ValueError as e:  # a typo (or a kernel's old name) fails at start-up, not as a silent fallback
+    raise ValueError(f"PONDER_CPU_ATTENTION: {e}") from None
 
 
 def attention_kernel_choices() -> list[dict]:
@@ -296,13 +303,13 @@ def _gather_blocks(k: Tensor, v: Tensor) -> None:
 def _choose(case: str, dtype: torch.dtype, H: int, Hkv: int, D: int, threads: int) -> dict:
     """Time SDPA and the case's other kernels at its short and long context; at each, the fastest
     kernel that is 5% faster than SDPA there wins, else SDPA."""
-    cases = _cases(case, dtype, H, Hkv, D)
-    with torch.inference_mode():
-        times = {kernel: [best_of(lambda a=a: _run(kernel, *a), repeats=3) for a in cases]
-                 for kernel in ["sdpa", *_candidates(case, dtype, D)]}
-        if "paged" in times:  # the others run on keys the engine gathers from the cache first: a cost of theirs
-            gather = [best_of(lambda a=a: _gather_blocks(a[1], a[2]), repeats=3) for a in cases]
-            times = {k: ts if k == "paged" else [t + g for t, g in zip(ts, gather)] for k, ts in times.items()}
+    cases, names = _cases(case, dtype, H, Hkv, D), ["sdpa", *_candidates(case, dtype, D)]
+    with torch.inference_mode():  # the candidates in turn, so that interference from elsewhere meets them alike
+        best = [best_in_turn({k: lambda i, a=a, k=k: _run(k, *a) for k in names} | (
+            {"gather": lambda i, a=a: _gather_blocks(a[1], a[2])} if "paged" in names else {}), repeats=3) for a in cases]
+    times = {k: [b[k] for b in best] for k in names}
+    if "paged" in times:  # the others run on keys the engine gathers from the cache first: a cost of theirs
+        times = {k: ts if k == "paged" else [t + b["gather"] for t, b in zip(ts, best)] for k, ts in times.items()}
     kernels = []
     for i in range(len(cases)):
         winners = [k for k in times if k != "sdpa" and times[k][i] < 0.95 * times["sdpa"][i]]

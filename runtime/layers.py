@@ -48,7 +48,7 @@ PACK_ROWS = 16  # the reorder's batch hint: the fastest at 1..1024 rows here, an
 #                 depend on the other rows of the call (batch invariance), which hint 1 breaks
 NATIVE_ROWS = (1, 4, 8, 16)  # the row counts the native kernel is timed at; forced, it takes calls up to the last
 COLD_BYTES, COLD_COPIES = 64 * 2**20, 64  # kernels are timed over copies of a weight past the last-level cache
-_mode = os.environ.get("PONDER_CPU_LINEAR", "auto")
+_mode = "auto"  # or the env var's, checked below
 _choices: dict[tuple, dict] = {}  # (shape, dtype, threads) -> {"kernel", "aten_us", "onednn_us", "native_rows", ...}
 # Linear -> (weight key, packed weight | None, the most rows a call may have to take the native kernel)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -63,6 +63,12 @@ def set_linear_kernel(mode: str) -> None:
     _mode = mode
     _choices.clear()
     _packed.clear()
+
+
+try:
+    set_linear_kernel(os.environ.get("PONDER_CPU_LINEAR", "auto"))
+except ValueError as e:  # a typo (or a kernel's old name) fails at start-up, not as a silent fallback
+    raise ValueError(f"PONDER_CPU_LINEAR: {e}") from None
 
 
 def linear_kernel_choices() -> list[dict]:
@@ -99,17 +105,6 @@ def _onednn(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return _bucketed(lambda t: torch.ops.mkldnn._linear_pointwise(t, packed, bias, "none", [], ""), x)
 
 
-def best_of(fn, repeats: int = 5) -> float:
-    """The best wall time of `repeats` calls of fn, after one warm-up call (kernel choices at start-up)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _native_takes(weight: Tensor) -> bool:
     return native.available(weight.dtype, weight.device) and weight.is_contiguous()
 
@@ -134,7 +129,7 @@ def _cold_copies(weight: Tensor) -> list[Tensor]:
     return [weight] + [weight.clone() for _ in range(n - 1)]
 
 
-def cold_times(calls: dict[str, object], copies: int, repeats: int = 5) -> dict[str, float]:
+def best_in_turn(calls: dict[str, object], copies: int = 1, repeats: int = 5) -> dict[str, float]:
     """The best time per call of each call(i) run over i = 0 .. copies - 1, repeats times after a warm-up,
     the candidates in turn within each repeat, so that interference from elsewhere meets them alike."""
     best = dict.fromkeys(calls, math.inf)
@@ -162,7 +157,7 @@ def _choose(weight: Tensor, packed: Tensor | None) -> dict:
             calls["onednn"] = lambda i: _onednn(x, packs[i], None)
         if _native_takes(weight):
             calls["native"] = lambda i: _native(x, ws[i], None)
-        return cold_times(calls, len(ws))
+        return best_in_turn(calls, len(ws))
 
     times = {rows: kernels(torch.randn(rows, weight.shape[1], dtype=weight.dtype)) for rows in sorted({1, PACK_ROWS, *NATIVE_ROWS})}
     aten = sum(times[rows]["aten"] for rows in (1, PACK_ROWS))

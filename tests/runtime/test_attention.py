@@ -3,6 +3,9 @@ a chunk after cached context, a subset of its rows, a causal prompt over several
 auto mode measures and records its choice; grouped GEMMs run only a few GEMM shapes, whatever the
 batch."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,6 +223,13 @@ def test_a_mask_and_causal_together_are_refused():
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="must be one of auto, sdpa, sdpa_fp32, grouped, paged, flash"):
         set_attention_kernel("amx")  # the flash kernel's name before it also ran in AVX-512 BF16 vectors
+
+
+def test_an_unknown_kernel_in_the_environment_fails_at_start_up_with_the_names():
+    env = {**os.environ, "PONDER_CPU_ATTENTION": "amx"}
+    run = subprocess.run([sys.executable, "-c", "import runtime.attention"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "PONDER_CPU_ATTENTION: attention kernel 'amx' must be one of auto, sdpa, sdpa_fp32, grouped, paged, flash" in run.stderr
 
 
 def test_grouped_gemms_run_few_shapes_whatever_the_batch():

@@ -2,6 +2,10 @@
 kernel for calls of a few rows; the same results either way (fp32 tolerance; bf16: one rounding of
 an fp32 sum), repacked when a weight changes, never under autograd."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,7 +86,7 @@ def test_kernels_are_timed_from_memory_over_copies_of_the_weight_in_turn():
     assert all(torch.equal(c, w) and c.data_ptr() != w.data_ptr() for c in copies[1:])
     assert len(layers._cold_copies(torch.randn(4, 4))) == layers.COLD_COPIES  # a small weight: capped
     order = []
-    times = layers.cold_times({"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}, 3, repeats=2)
+    times = layers.best_in_turn({"a": lambda i: order.append(("a", i)), "b": lambda i: order.append(("b", i))}, 3, repeats=2)
     assert order == [(k, i) for _ in range(3) for k in "ab" for i in range(3)]  # a warm-up round, then 2 timed
     assert set(times) == {"a", "b"} and all(0 <= t < 1 for t in times.values())
 
@@ -182,3 +186,10 @@ def test_auto_measures_each_shape_once_and_says_what_it_chose():
 def test_an_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="must be one of auto, aten, onednn, native"):
         set_linear_kernel("mkl")
+
+
+def test_an_unknown_kernel_in_the_environment_fails_at_start_up_with_the_names():
+    env = {**os.environ, "PONDER_CPU_LINEAR": "mkl"}
+    run = subprocess.run([sys.executable, "-c", "import runtime.layers"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "PONDER_CPU_LINEAR: linear kernel 'mkl' must be one of auto, aten, onednn, native" in run.stderr
