@@ -9,19 +9,20 @@ the other native kernels (runtime/native.py).
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 from torch import Tensor
 
 from runtime import native, paged_attention
 
-
 UNITS = {1: "avx512_bf16", 2: "amx"}  # csrc/flash_attention.c: flash_attention_unit
 
 
+@cache
 def flash_unit() -> str | None:
     """The unit that runs the kernel here ("amx" or "avx512_bf16"), or None: the native library not built,
-    or built for a CPU with neither AMX-BF16 (granted by Linux) nor AVX-512 BF16."""
+    or built for a CPU with neither AMX-BF16 (granted by Linux) nor AVX-512 BF16. Asked once a process."""
     if not native.available(torch.bfloat16, torch.device("cpu")):
         return None
     return UNITS.get(native.library().flash_attention_unit())
@@ -54,7 +55,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def flash_paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, starts: list[int],
-                        rows: list[int], ctx: list[int], block_size: int, out: Tensor) -> None:
+                          rows: list[int], ctx: list[int], block_size: int, out: Tensor) -> None:
     """`flash_attention` of several sequences of one step, each over its keys in one slot of the paged cache
     in place: sequence s's rows[s] query rows from row starts[s] of q (n, H, D) are the last of its ctx[s]
     positions, whose keys and values k_cache, v_cache (positions, Hkv, D) hold through its block table

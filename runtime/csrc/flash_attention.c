@@ -123,8 +123,8 @@ static inline __attribute__((always_inline)) __mmask16 seen_by(int key, int firs
 /* The two products of a query tile, on AMX tiles or in vectors. Q^T: (D / 2) rows of 16 lanes, each a pair
  * of dims; K: rows of D per key; S^T: 16 floats per key; P^T: 16 lanes per pair of keys; V^T: per 32 keys
  * and 16 dims, 16 rows (dims) of 16 pairs of keys (pack_values). */
-#ifdef HAVE_AMX
 #define INLINE static inline __attribute__((always_inline))
+#ifdef HAVE_AMX
 INLINE void load_queries(const uint16_t *qt, int chunks) {
     _tile_loadd(4, qt, 64); /* tile numbers are immediates: no loops over them */
     if (chunks == 2) _tile_loadd(5, qt + 512, 64);
@@ -176,7 +176,6 @@ INLINE void add_values(const uint16_t *pt, const uint16_t *vt, int subchunks, in
         _mm512_store_ps(ot + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(ot + 16 * d), alpha, _mm512_load_ps(tt + 16 * d)));
 }
 #else
-#define INLINE static inline __attribute__((always_inline))
 INLINE void load_queries(const uint16_t *qt, int chunks) { (void)qt, (void)chunks; }
 
 /* S^T of 16 keys: for each pair of dims, the keys' pair broadcast against the 16 queries' pair. */
@@ -365,9 +364,9 @@ static int run(sequence *seqs, int S, int H, int Hkv, int D, float scale, int th
  * head, row; dims contiguous). Returns 0; -1: no memory; -3: the kernel does not run here (flash_attention_unit);
  * -4: a head dim other than 32 or 64, or M > L. */
 int causal_flash_attention_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, int64_t q_sm, const uint16_t *k,
-                              int64_t k_sr, int64_t k_sh, int64_t k_sl, const uint16_t *v, int64_t v_sr, int64_t v_sh,
-                              int64_t v_sl, uint16_t *out, int64_t o_sr, int64_t o_sh, int64_t o_sm, int R, int H,
-                              int Hkv, int M, int L, int D, float scale, int threads) {
+                                int64_t k_sr, int64_t k_sh, int64_t k_sl, const uint16_t *v, int64_t v_sr, int64_t v_sh,
+                                int64_t v_sl, uint16_t *out, int64_t o_sr, int64_t o_sh, int64_t o_sm, int R, int H,
+                                int Hkv, int M, int L, int D, float scale, int threads) {
 #ifdef HAVE_FLASH
     if (!flash_attention_unit()) return -3;
     sequence *seqs = malloc((size_t)R * sizeof(sequence) + 1);
@@ -391,9 +390,9 @@ int causal_flash_attention_bf16(const uint16_t *q, int64_t q_sr, int64_t q_sh, i
  * are in k_cache, v_cache (num_blocks * bs, Hkv, D) through tables (S, W). Returns as above; -2: a context
  * past its table, or a block id outside the cache. */
 int paged_causal_flash_attention_bf16(const uint16_t *q, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
-                                    const int64_t *tables, int64_t W, const int64_t *starts, const int64_t *rows,
-                                    const int64_t *ctx, int S, int H, int Hkv, int D, int bs, int64_t num_blocks,
-                                    float scale, int threads) {
+                                      const int64_t *tables, int64_t W, const int64_t *starts, const int64_t *rows,
+                                      const int64_t *ctx, int S, int H, int Hkv, int D, int bs, int64_t num_blocks,
+                                      float scale, int threads) {
 #ifdef HAVE_FLASH
     if (!flash_attention_unit()) return -3;
     for (int s = 0; s < S; s++) {
