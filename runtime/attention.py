@@ -87,7 +87,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: 
 def decode_in_place(q: Tensor, num_kv_heads: int, num_keys: int) -> bool:
     """Whether decode rows q (R, H, D) over up to num_keys keys run `paged_attention.paged_decode` on
     the cache in place (the kernel chosen for them is `paged`), rather than `attend` on gathered keys."""
-    return _kernel_of(q.device, q.dtype, q.shape[1], 1, q.shape[2], num_kv_heads, num_keys, causal=False) == "paged"
+    return decodes_in_place(q.device, q.dtype, q.shape[1], q.shape[2], num_kv_heads, num_keys)
+
+
+def decodes_in_place(device: torch.device, dtype: torch.dtype, num_heads: int, head_dim: int, num_kv_heads: int,
+                     num_keys: int) -> bool:
+    """`decode_in_place` for queries of this device, dtype and shape, before they exist."""
+    return _kernel_of(device, dtype, num_heads, 1, head_dim, num_kv_heads, num_keys, causal=False) == "paged"
 
 
 def causal_kernel(q: Tensor, num_kv_heads: int, num_queries: int, num_keys: int) -> str:

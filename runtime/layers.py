@@ -71,6 +71,11 @@ except ValueError as e:  # a typo (or a kernel's old name) fails at start-up, no
     raise ValueError(f"PONDER_CPU_LINEAR: {e}") from None
 
 
+def linear_kernel_mode() -> str:
+    """The linear kernel mode set (`set_linear_kernel`): auto, or the kernel forced."""
+    return _mode
+
+
 def linear_kernel_choices() -> list[dict]:
     """What each measured weight shape chose, with the timings behind it (for logs and benchmarks)."""
     return [{"shape": list(k[0]), "dtype": str(k[1]), "threads": k[2], **v} for k, v in _choices.items()]
@@ -179,7 +184,7 @@ def _choose(weight: Tensor, packed: Tensor | None) -> dict:
     return choice
 
 
-def _version(t: Tensor) -> int:
+def tensor_version(t: Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # an inference tensor has no version counter (and cannot change outside inference)
@@ -190,7 +195,7 @@ def _kernels(linear: nn.Linear) -> tuple[Tensor | None, int]:
     """(the prepacked weight if oneDNN is this weight's kernel, the most rows a call may have to take the
     native kernel instead), measured once per weight shape and repacked whenever the weight changed."""
     w = linear.weight
-    key = (w.data_ptr(), _version(w), w.dtype, tuple(w.shape))
+    key = (w.data_ptr(), tensor_version(w), w.dtype, tuple(w.shape))
     entry = _packed.get(linear)
     if entry is not None and entry[0] == key:
         return entry[1], entry[2]
@@ -207,6 +212,11 @@ def _kernels(linear: nn.Linear) -> tuple[Tensor | None, int]:
             native_rows = _choices[shape]["native_rows"] if _native_takes(w) else 0  # measured on another weight
     _packed[linear] = (key, packed, native_rows)
     return packed, native_rows
+
+
+def kernel_rows(linear: nn.Linear) -> int:
+    """The most rows an inference call of this linear on CPU takes the native kernel at (0: never)."""
+    return _kernels(linear)[1]
 
 
 def warm_up_linears(linears: list[nn.Linear], max_rows: int) -> int:

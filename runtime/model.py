@@ -14,6 +14,7 @@ It is the oracle every fast path must match, and training uses it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.config import ModelConfig
-from runtime.layers import Block, Linear, RMSNorm, rope_tables
-from runtime.norm_act import EXIT_HEAD_MAX_ROWS, exit_scores, native_rows
+from runtime.layers import Block, Linear, RMSNorm, rope_tables, tensor_version
+from runtime.norm_act import EXIT_HEAD_MAX_ROWS, ExitScorer, native_rows
+
+# ExitHead -> (its parameters' addresses and versions, their native kernel call), beside the module so
+# that copies and pickles of a model carry no ctypes handle
+_scorers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -69,13 +74,23 @@ class ExitHead(nn.Module):
     def forward(self, x: Tensor, s: int) -> Tensor:
         if (native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype
                 and x.numel() <= EXIT_HEAD_MAX_ROWS * x.shape[-1]):  # one call on CPU, for few rows
-            step_bias = None if self.step_bias is None else self.step_bias.weight[s]
-            return exit_scores(x, self.norm.weight, self.norm.eps, self.fc.weight, self.fc.bias, step_bias,
-                               self.out.weight, self.out.bias)
+            return self._scorer()(x, s)
         hidden = self.fc(self.norm(x))
         if self.step_bias is not None:
             hidden = hidden + self.step_bias.weight[s]
         return F.softplus(self.out(F.gelu(hidden))).squeeze(-1)
+
+    def _scorer(self) -> ExitScorer:
+        """The native kernel's call, built again whenever a parameter was replaced or changed."""
+        params = (self.norm.weight, self.fc.weight, self.fc.bias, self.out.weight, self.out.bias,
+                  *(() if self.step_bias is None else (self.step_bias.weight,)))
+        key = tuple((p.data_ptr(), tensor_version(p)) for p in params)
+        entry = _scorers.get(self)
+        if entry is None or entry[0] != key:
+            step_bias = None if self.step_bias is None else self.step_bias.weight
+            entry = _scorers[self] = (key, ExitScorer(self.norm.weight, self.norm.eps, self.fc.weight, self.fc.bias,
+                                                      step_bias, self.out.weight, self.out.bias))
+        return entry[1]
 
 
 class ExitAdapter(nn.Module):

@@ -11,6 +11,8 @@
   - csrc/causal_softmax.c: the causal mask and softmax of a block of attention scores in one pass
     (runtime/attention.py: grouped_attention);
   - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py);
+  - csrc/decode_layer.c: a whole layer on the rows of a decode step, calling the kernels above in one
+    call (runtime/decode_layer.py), which the engine's executor takes where each piece would be native;
   - csrc/flash_attention.c: causal flash attention of bf16 prompts and chunks, on AMX tiles or in AVX-512
     BF16 vectors, where the CPU has either (runtime/flash_attention.py; runtime/attention.py: "flash").
 
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.c", "rope_cache.c", "norm_act.c", "exit_head.c",
-                                    "causal_softmax.c", "linear_rows.c", "flash_attention.c")]
+                                    "causal_softmax.c", "linear_rows.c", "flash_attention.c",
+                                    "decode_layer.c")]
 # OpenMP binds to the libgomp torch has loaded (same soname); the kernels' exp is their own, vectorized.
 # -fno-trapping-math: no code reads floating-point exception flags, and with them kept gcc vectorizes
 # no loop with a floor or a select of products (silu_mul ran scalar, 5-9x slower than torch). It
@@ -60,6 +63,8 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes[, the suffi
     "exit_scores": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _i, _i, _i]),
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
     "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
+    "decode_layer": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _p, _i64, _p, _i64, _p, _i64, _p, _p, _f] + [_p] * 4
+                     + [_i64] + [_i] * 5 + [_f, _i]),
     "causal_flash_attention": (_i, ([_p] + [_i64] * 3) * 3 + [_p] + [_i64] * 3 + [_i] * 6 + [_f, _i], ("bf16",)),
     "paged_causal_flash_attention": (_i, [_p] * 5 + [_i64] + [_p] * 3 + [_i] * 5 + [_i64, _f, _i], ("bf16",)),
 }

@@ -82,8 +82,9 @@ class EngineCore:
             if self.config.warm_up:
                 t0 = time.perf_counter()
                 calls = self.executor.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len)
-                log.info("warm-up: %d linear and %d attention kernel shapes in %.1f s", calls["linear_calls"],
-                         calls["attention_calls"], time.perf_counter() - t0)
+                log.info("warm-up: %d linear and %d attention kernel shapes, decode layers in one call on up to "
+                         "%s rows, in %.1f s", calls["linear_calls"], calls["attention_calls"],
+                         calls.get("whole_layer_rows"), time.perf_counter() - t0)
         thinks = cfg.default_thought_tokens is not None  # trained to open its own thoughts
         self.executor.structured = StructuredOutputManager(checkpoint.tokenizer, cfg.vocab_size, cfg.eos_id,
                                                            cfg.think_start_id if thinks else None)

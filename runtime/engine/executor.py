@@ -13,21 +13,28 @@ The tokens of all scheduled chunks are flattened into one batch of N rows. Then:
     (on the flash kernel, every whole prompt and chunk in one call over the cache in place; else whole
     prompts per length bucket, causal; single rows together; `_attend_per_sequence`);
   - the coda and head run on each row's exit state.
+Exits are decided on the host (runtime/engine/live_rows.py). On CPU a decode step runs each layer of a
+group as one native call where every piece of it would be native (`_whole_layer`, runtime/decode_layer.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
 from runtime import paged_attention
 from runtime.flash_attention import flash_paged_attention
-from runtime.attention import CAUSAL_BLOCK, attend, causal_kernel, decode_in_place, warm_up_attention
+from runtime.attention import (CAUSAL_BLOCK, attend, causal_kernel, decode_in_place, decodes_in_place,
+                               warm_up_attention)
+from runtime.decode_layer import decode_layer, measure_whole_layers, runs_whole
 from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.live_rows import LiveRows
 from runtime.engine.outputs import ModelRunnerOutput, PromptScores
 from runtime.engine.sampler import SampleRow, sample, score_tokens
 from runtime.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -85,9 +92,22 @@ class _Batch:
     starts: list[int]  # each sequence's first position in this chunk
     lengths: list[int]  # each sequence's chunk length
 
+    _taken: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
     @property
     def num_rows(self) -> int:
         return len(self.positions)
+
+    def take(self, name: str, rows: Tensor) -> Tensor:
+        """The per-row (or per-sequence, in a decode step) tensor `name` at rows: itself for all rows in order,
+        else indexed once per rows tensor, which stays the same from step to step until rows exit."""
+        t = getattr(self, name)
+        if len(rows) == self.num_rows:
+            return t
+        hit = self._taken.get(name)
+        if hit is None or hit[0] is not rows:
+            hit = self._taken[name] = (rows, t[rows])
+        return hit[1]
 
 
 @dataclass
@@ -157,6 +177,8 @@ class Executor:
         calls = {"linear_calls": warm_up_linears(linears, max_rows),
                  "attention_calls": warm_up_attention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype, max_seqs,
                                                       max_len, max_prompt=max_rows)}
+        if self._rope_and_cache:
+            calls["whole_layer_rows"] = measure_whole_layers(blocks, self.cache.block_size)
         # One prompt of the largest step, like vLLM's profile run: the heap grows to a step's peak now. Its
         # entries land in free blocks, which nothing reads before a request writes them.
         T = min(max_rows, max_len, self.cache.num_blocks * self.cache.block_size)
@@ -246,52 +268,56 @@ class Executor:
             h = self._layer(("prelude", layer), h, self.cache.prelude_slot(layer), batch)
 
         path = torch.full((N, D), -1, dtype=torch.long, device=self.device)
-        alive = torch.ones(N, dtype=torch.bool, device=self.device)  # rows still in the core
-        all_rows = active = torch.arange(N, device=self.device)
+        live = LiveRows(N, D, self.device)  # rows still in the core
+        all_rows = live.rows
         for s in range(D):
             # Every row's slot-s entry: with propagate (and at slot 0 for every policy) it is the row's
             # state through the block it takes at step s, so all rows share the projection calls.
             every = cfg.kv_fill.fills_by_projection or s == 0
-            if not len(active) and not every:
+            if not len(live) and not every:
                 if cfg.kv_fill.copies_deepest:  # every row has exited: each passes its deepest entry down
                     self.cache.copy(self.cache.core_slot(s - 1), self.cache.core_slot(s), batch.index)
                 continue
-            rows = all_rows if every else active
-            h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(active) > 0)
-            if len(active) and s >= first_exit_step:
-                bar_s = self._take(bar[:, s], rows, N)
-                stop = bar_s == math.inf  # the row's cap, whatever its score
-                if score is not None:
-                    stop |= score.float() < bar_s
-                stop &= self._take(alive, rows, N)
+            rows = all_rows if every else live.rows
+            h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(live) > 0)
+            if len(live) and s >= first_exit_step:
+                stop = live.stops(bar, s, score, None if every else live.host)
                 if stop.any():
-                    alive[rows[stop]] = False
-                    active = alive.nonzero().squeeze(1)
+                    live.leave(stop, s)
                     if not every:
-                        rows, h_step = rows[~stop], h_step[~stop]
-            h = self._core_step(s, h, h_step, rows, alive, len(active), path, batch)
+                        rows, h_step = live.rows, h_step[torch.from_numpy(~stop).to(self.device)]
+            h = self._core_step(s, h, h_step, rows, live, path, batch)
 
-        depth = (path >= 0).sum(-1)
+        depth = torch.from_numpy(live.depth).to(self.device)
         h = self._adapt(h, depth)
         for layer in range(cfg.n_coda):
             h = self._layer(("coda", layer), h, self.cache.coda_slot(layer), batch)
         return self._outputs(seqs, h, depth, path, all_logits)
 
-    def _core_step(self, s: int, h: Tensor, h_step: Tensor, rows: Tensor, alive: Tensor, num_active: int, path: Tensor,
+    def _core_step(self, s: int, h: Tensor, h_step: Tensor, rows: Tensor, live: LiveRows, path: Tensor,
                    batch: _Batch) -> Tensor:
         """Core step s for `rows` (step inputs h_step): grouped by the block each takes, each group writes
         its slot-s entries in one projection call; then the group's rows still in the core attend and run
         the block's MLP. Exited rows among `rows` only write (their kv_fill entry)."""
         cfg, N = self.cfg, batch.num_rows
         slot = self.cache.core_slot(s)
-        if cfg.kv_fill.copies_deepest and s > 0 and num_active < N:  # exited rows: a copy of their deepest entry
-            self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[~alive])
-        has_exited = len(rows) > num_active  # rows include exited ones, which only write their entry
+        if cfg.kv_fill.copies_deepest and s > 0 and len(live) < N:  # exited rows: a copy of their deepest entry
+            self.cache.copy(self.cache.core_slot(s - 1), slot, batch.index[~live.alive])
+        has_exited = len(rows) > len(live)  # rows include exited ones, which only write their entry
         runs = []
         for b, group, x in self._groups(h_step, rows, s) if len(rows) else []:  # all write before any attends
-            keep = alive[group] if has_exited else None
-            goes_on = keep is None or bool(keep.any())  # a group of exited rows only fills: no queries
-            cos, sin, index = (self._take(t, group, N) for t in (batch.cos, batch.sin, batch.index))
+            keep, kept = live.within(group) if has_exited else (None, group)
+            goes_on = len(kept) > 0  # a group of exited rows only fills: no queries
+            cos, sin, index = (batch.take(name, group) for name in ("cos", "sin", "index"))
+            # A decode step's rows attend over their own sequences only: a group may write and attend at once
+            out = self._whole_layer(("pool", b), x, cos, sin, slot, index, keep, kept, batch) \
+                if cfg.kv_fill.writes_slot(s) else None
+            if out is not None:
+                if goes_on:
+                    runs.append((b, kept, x, None, out))
+                else:
+                    self.num_fill_calls += 1
+                continue
             if cfg.kv_fill.writes_slot(s):  # shared: the single core slot keeps the step-0 entry
                 q = self._project_and_write(("pool", b), x, cos, sin, slot, index, queries=goes_on)
             else:
@@ -300,10 +326,11 @@ class Executor:
                 self.num_fill_calls += 1
             else:
                 if keep is not None:
-                    group, x, q = group[keep], x[keep], None if q is None else q[keep]
-                runs.append((b, group, x, q))
-        for b, group, x, q in runs:
-            out = self._attend(("pool", b), x, q, group, slot, batch)
+                    x, q = x[keep], None if q is None else q[keep]
+                runs.append((b, kept, x, q, None))
+        for b, group, x, q, out in runs:  # out: the layer's outputs, where one call ran it whole
+            if out is None:
+                out = self._attend(("pool", b), x, q, group, slot, batch)
             if len(group) == N:  # all rows, in order
                 h = out
             else:
@@ -409,9 +436,9 @@ class Executor:
         return _Batch(pos, index, seq_ids, tables, ctx_len, cos, sin, decode, decode_mask,
                       [s.start_position for s in seqs], [len(s.token_ids) for s in seqs])
 
-    def _exit_bars(self, seqs: list[SeqInput]) -> Tensor:
-        """(N, max_depth): a row exits before step s when its exit score is below bar[row, s]; +inf from
-        its cap (max depth or forced depth) on, its price from its min depth on, -inf before."""
+    def _exit_bars(self, seqs: list[SeqInput]) -> np.ndarray:
+        """(N, max_depth), on the host: a row exits before step s when its exit score is below bar[row, s];
+        +inf from its cap (max depth or forced depth) on, its price from its min depth on, -inf before."""
         cfg, price, lo, cap = self.cfg, [], [], []
         for s in seqs:
             n = len(s.token_ids)
@@ -419,10 +446,10 @@ class Executor:
             lo += [cfg.min_depth if s.min_depth is None else s.min_depth] * n
             hi = cfg.max_depth if s.max_depth is None else min(s.max_depth, cfg.max_depth)
             cap += [min(hi, d) for d in s.depths] if s.depths is not None else [hi] * n
-        step = torch.arange(cfg.max_depth, device=self.device)[None, :]
-        price, lo, cap = (torch.tensor(x, device=self.device)[:, None] for x in (price, lo, cap))
-        priced = torch.where(step >= lo, price.float(), -math.inf)
-        return torch.where(step >= cap, math.inf, priced)
+        step = np.arange(cfg.max_depth)[None, :]
+        price, lo, cap = (np.array(x)[:, None] for x in (price, lo, cap))
+        priced = np.where(step >= lo, price.astype(np.float32), -np.inf)
+        return np.where(step >= cap, np.inf, priced).astype(np.float32)
 
     def _first_exit_steps(self, seqs: list[SeqInput]) -> tuple[int, int]:
         """The first step at which any row could exit, and the first at which one could exit by price;
@@ -438,6 +465,9 @@ class Executor:
     def _layer(self, layer: Layer, h: Tensor, slot: int, batch: _Batch) -> Tensor:
         """A prelude or coda layer: every row writes its entry, then every row attends."""
         rows = torch.arange(len(h), device=self.device)
+        out = self._whole_layer(layer, h, batch.cos, batch.sin, slot, batch.index, None, rows, batch)
+        if out is not None:
+            return out
         q = self._project_and_write(layer, h, batch.cos, batch.sin, slot, batch.index)
         return self._attend(layer, h, q, rows, slot, batch)
 
@@ -445,14 +475,13 @@ class Executor:
         """The layer on rows (inputs x: (n, d)) over their sequences' cached slot. A decode step is one
         padded call (row i is sequence i); otherwise each sequence attends over its own context
         (`_attend_per_sequence`), or, for a backend without that, all rows in one padded call."""
-        N = batch.num_rows
         if batch.one_row_per_seq and self._in_place(q, batch.tables.shape[1] * self.cache.block_size):
-            tables, ctx_len = self._take(batch.tables, rows, N), self._take(batch.ctx_len, rows, N)
+            tables, ctx_len = batch.take("tables", rows), batch.take("ctx_len", rows)
             out = paged_decode(q, *self.cache.in_place(slot), tables, ctx_len, self.cache.block_size)
             return self._block_rows(layer, x, out)
         if batch.one_row_per_seq:  # decode: every row is its own sequence
             padding = Padding(None, None, len(rows), 1)
-            tables, mask = self._take(batch.tables, rows, N), self._take(batch.decode_mask, rows, N)
+            tables, mask = batch.take("tables", rows), batch.take("decode_mask", rows)
         elif self.per_sequence_attention:
             return self._block_rows(layer, x, self._attend_per_sequence(q, rows, slot, batch))
         else:
@@ -466,8 +495,26 @@ class Executor:
             key_pos = torch.arange(tables.shape[1] * self.cache.block_size, device=self.device)
             mask = key_pos[None, None, :] <= pos_pad[:, :, None]  # causal (R, M, L)
         k, v = self.cache.gather(slot, tables)
-        cos, sin = self._take(batch.cos, rows, N), self._take(batch.sin, rows, N)
+        cos, sin = batch.take("cos", rows), batch.take("sin", rows)
         return self._block_padded(layer, x, q, k.to(x.dtype), v.to(x.dtype), cos, sin, mask, padding)
+
+    def _whole_layer(self, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, slot: int, index: Tensor,
+                     keep: Tensor | None, kept: Tensor, batch: _Batch) -> Tensor | None:
+        """In a decode step, the layer on rows x (n, d) in one native call (runtime/decode_layer.py): every
+        row writes its slot entry to the cache at index, and the rows keep (positions in x, all where None),
+        which are the batch's rows kept, attend and run the MLP; returns their outputs. None where the
+        layer's pieces would not all take native kernels: the caller runs them one by one."""
+        cfg = self.cfg
+        if not (self._rope_and_cache and batch.one_row_per_seq and x.dtype == self.cache.k.dtype
+                and decodes_in_place(self.device, x.dtype, cfg.n_heads, cfg.head_dim, cfg.n_kv_heads,
+                                     batch.tables.shape[1] * self.cache.block_size)):
+            return None
+        block, x = self._block(layer, x)
+        if not runs_whole(block, x, self.cache.k.dtype):
+            return None
+        tables, ctx_len = batch.take("tables", kept), batch.take("ctx_len", kept)
+        return decode_layer(block, x, cos, sin, *self.cache.in_place(slot), index, keep, tables, ctx_len,
+                            self.cache.block_size)
 
     def _in_place(self, q: Tensor | None, num_keys: int) -> bool:
         """Whether decode rows with queries q attend on the cache in place (`paged_decode`)."""

@@ -6,6 +6,7 @@ differentiates through torch's ops."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from runtime import native
 from runtime.config import ModelConfig
@@ -158,3 +159,29 @@ def test_exit_scores_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="past the kernel"):
         exit_scores(torch.randn(1, 9000), torch.ones(9000), 1e-5, torch.randn(1, 9000), torch.randn(1), None,
                     torch.randn(1, 1), torch.randn(1))
+
+
+@needs_kernel
+def test_exit_head_follows_its_parameters_after_they_change():
+    """The module keeps its kernel call between calls: a parameter changed in place or replaced is read."""
+    cfg = ModelConfig(d_model=48, n_heads=4, n_kv_heads=2, vocab_size=64, exit_hidden=16, max_depth=4,
+                      exit_step_bias=True)
+    torch.manual_seed(3)
+    head = ExitHead(cfg)
+    x = torch.randn(4, 48)
+
+    def torchs() -> Tensor:
+        hidden = head.fc(head.norm(x)) + head.step_bias.weight[1]
+        return F.softplus(head.out(F.gelu(hidden))).squeeze(-1)
+
+    with torch.inference_mode():
+        before = head(x, 1)
+    with torch.no_grad():
+        head.fc.weight.mul_(3)
+    with torch.inference_mode():
+        changed = head(x, 1)
+        assert_like_torch(changed, torchs())
+    assert not torch.equal(before, changed)
+    head.out.bias = torch.nn.Parameter(head.out.bias.detach() + 5)
+    with torch.inference_mode():
+        assert_like_torch(head(x, 1), torchs())
