@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.config import ModelConfig
+from runtime.exit_adapters import StackedAdapters
 from runtime.layers import Block, Linear, RMSNorm, rope_tables, tensor_version
 from runtime.norm_act import EXIT_HEAD_MAX_ROWS, ExitScorer, native_rows
 
@@ -72,16 +73,20 @@ class ExitHead(nn.Module):
         self.out = Linear(cfg.exit_hidden, 1)
 
     def forward(self, x: Tensor, s: int) -> Tensor:
-        if (native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype
-                and x.numel() <= EXIT_HEAD_MAX_ROWS * x.shape[-1]):  # one call on CPU, for few rows
-            return self._scorer()(x, s)
+        scorer = self.native_scorer(x)
+        if scorer is not None:
+            return scorer(x, s)
         hidden = self.fc(self.norm(x))
         if self.step_bias is not None:
             hidden = hidden + self.step_bias.weight[s]
         return F.softplus(self.out(F.gelu(hidden))).squeeze(-1)
 
-    def _scorer(self) -> ExitScorer:
-        """The native kernel's call, built again whenever a parameter was replaced or changed."""
+    def native_scorer(self, x: Tensor) -> ExitScorer | None:
+        """The native kernel's call for rows like x (..., d), where it runs them: one call on CPU at inference,
+        for at most EXIT_HEAD_MAX_ROWS rows. Built again whenever a parameter was replaced or changed."""
+        if not (native_rows(x, self.fc.weight.dtype) and self.norm.weight.dtype == x.dtype
+                and x.numel() <= EXIT_HEAD_MAX_ROWS * x.shape[-1]):
+            return None
         params = (self.norm.weight, self.fc.weight, self.fc.bias, self.out.weight, self.out.bias,
                   *(() if self.step_bias is None else (self.step_bias.weight,)))
         key = tuple((p.data_ptr(), tensor_version(p)) for p in params)
@@ -107,6 +112,8 @@ class ExitAdapter(nn.Module):
 
 
 class PonderModel(nn.Module):
+    _stacked_adapters: StackedAdapters | None = None  # once `stack_exit_adapters` made them
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -165,10 +172,18 @@ class PonderModel(nn.Module):
         """The block a non-routed schedule applies at step s."""
         return s if self.cfg.schedule == "fixed" else 0
 
+    def stack_exit_adapters(self) -> None:
+        """Inference: the exit adapters' weights in three stacked tensors, so that a step's rows of every
+        depth run in one native call (runtime/exit_adapters.py; no extra memory, state dicts unchanged)."""
+        if self.exit_adapters is not None and self._stacked_adapters is None:
+            object.__setattr__(self, "_stacked_adapters", StackedAdapters(self.exit_adapters))
+
     def adapt_exit(self, h: Tensor, depth: Tensor) -> Tensor:
         """Each state through the exit adapter of its depth (..., d); full-depth states pass as they are."""
         if self.exit_adapters is None:
             return h
+        if self._stacked_adapters is not None and self._stacked_adapters.runs(h):
+            return self._stacked_adapters(h, depth)
         out = h.clone()
         for d in torch.unique(depth).tolist():
             if d < self.cfg.max_depth:

@@ -7,7 +7,8 @@
   - csrc/norm_act.c: RMSNorm (after a residual add, if given) and SwiGLU's silu(gate) * up
     (runtime/norm_act.py), which runtime/layers.py takes at inference on CPU;
   - csrc/exit_head.c: the exit head's score in one call (norm_act.py: exit_scores), which
-    runtime/model.py's ExitHead takes at inference on CPU;
+    runtime/model.py's ExitHead takes at inference on CPU, and a step's exit adapters in one call
+    (runtime/exit_adapters.py);
   - csrc/causal_softmax.c: the causal mask and softmax of a block of attention scores in one pass
     (runtime/attention.py: grouped_attention);
   - csrc/linear_rows.c: a linear layer on a few rows that streams its weight once (runtime/layers.py);
@@ -61,6 +62,7 @@ SIGNATURES = {  # name without its type suffix -> (restype, argtypes[, the suffi
     "rms_norm": (None, [_p] * 5 + [_i64, _i, _f, _i]),
     "silu_mul": (None, [_p] * 2 + [_i64, _i, _i]),
     "exit_scores": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _i, _i, _i]),
+    "exit_adapters": (_i, [_p, _p, _i64, _i, _i, _p, _i64] + [_p] * 4 + [_i]),
     "causal_softmax": (_i, [_p, _i64, _i, _i, _i64, _i]),
     "linear_rows": (None, [_p] * 4 + [_i64, _i, _i64, _i]),
     "decode_layer": (_i, [_p, _p, _f] + [_p] * 6 + [_i64, _p, _i64, _p, _i64, _p, _i64, _p, _p, _f] + [_p] * 4

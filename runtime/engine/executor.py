@@ -46,6 +46,7 @@ from runtime.row_buckets import empty_rows
 
 log = logging.getLogger(__name__)
 
+_UNRESOLVED = object()  # the exit head's native call, before a step's first exit test resolves it
 Layer = tuple[str, int]  # ("prelude", i), ("pool", b) or ("coda", i)
 # A prompt's rows past its whole CAUSAL_BLOCKs attend as single rows, on the cache in place, when they
 # are at most this many: per query-key pair the decode kernel cost ~4x the grouped GEMMs (bf16, one
@@ -142,6 +143,7 @@ class Executor:
         if fuse_linears:  # q/k/v and gate/up as one GEMM each (runtime/layers.py: fuse_linears)
             for block in blocks:
                 block.fuse()
+        model.stack_exit_adapters()  # a step's exit adapters in one call where it runs (runtime/exit_adapters.py)
         # RoPE and the cache write as one native call (`_project_and_write`): torch's CPU backend only,
         # every block's q/k/v fused, the cache in the activation dtype
         self._rope_and_cache = (type(self)._project is Executor._project and self.device.type == "cpu"
@@ -262,6 +264,7 @@ class Executor:
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=self.device)
         bar = self._exit_bars(seqs)
         first_exit_step, first_priced_step = self._first_exit_steps(seqs)
+        self._exit_scorer = _UNRESOLVED
 
         h = self._embed(ids)
         for layer in range(cfg.n_prelude):
@@ -358,9 +361,16 @@ class Executor:
         return self.model.embed(ids)
 
     def _gate(self, h: Tensor, s: int, need_score: bool) -> tuple[Tensor, Tensor | None]:
-        """The step input h + P(s) of rows h (n, d), and their exit scores if needed."""
+        """The step input h + P(s) of rows h (n, d), and their exit scores if needed. The exit head's native
+        call is resolved once a step (`run` unsets it): per call, its checks cost more than its kernel."""
         h_step = self.model.step_input(h, s)
-        return h_step, self.model.exit_score(h_step, s) if need_score else None
+        if not need_score:
+            return h_step, None
+        if self._exit_scorer is _UNRESOLVED:  # rows only shrink within a step: what runs the first test runs all
+            self._exit_scorer = self.model.exit_head.native_scorer(h_step)
+        if self._exit_scorer is not None:
+            return h_step, self._exit_scorer(h_step, s)
+        return h_step, self.model.exit_score(h_step, s)
 
     def _route_logits(self, h_step: Tensor) -> Tensor:
         return self.model.route_logits(h_step)
