@@ -1,6 +1,6 @@
 """A whole layer on the rows of a decode step in one native call (csrc/decode_layer.c).
 
-On a few rows a layer's kernels take ~240 us (bf16, one row, one Zen 4 CPU), and calling them one by
+On a few rows a layer's kernels take ~240 us (bf16, one row, one Zen 5 CPU), and calling them one by
 one from Python, with their checks, allocations and module dispatch, added ~120 us more: a third of a
 batch-1 decode step. `decode_layer` runs the same kernels in the same order in C, so its result is the
 unfused path's bit for bit where each of the layer's linears takes the native kernel at its row count

@@ -64,7 +64,7 @@ class ExitScorer:
     softplus(out(gelu(fc(rms_norm(x)) + step_bias[s]))) for rows x (..., d), in x's dtype. fc_weight
     (hidden, d), out_weight (1, hidden); biases (hidden,) and (1,); step_bias (steps, hidden) or None.
     A decode step scores at every priced core step: checked per call, the head's few microseconds of
-    kernel cost 4-5x that in Python (bf16, one Zen 4 CPU)."""
+    kernel cost 4-5x that in Python (bf16, one Zen 5 CPU)."""
 
     def __init__(self, norm_weight: Tensor, eps: float, fc_weight: Tensor, fc_bias: Tensor, step_bias: Tensor | None,
                  out_weight: Tensor, out_bias: Tensor) -> None:

@@ -12,7 +12,7 @@
  * projects keys and values only, as the separate path's wk and wv do. Every intermediate is rounded to the element
  * type as torch rounds it between ops, so the result is the unfused path's, bit for bit. What this saves
  * is Python: as separate calls a layer cost ~25 dispatches and ~120 us of interpreter time on a few rows
- * (bf16, one Zen 4 CPU), against ~240 us of kernels at one row.
+ * (bf16, one Zen 5 CPU), against ~240 us of kernels at one row.
  *
  * Element type: fp32, or bf16 as raw uint16. The scratch `work` holds n * (qkv + H * D + d) + m * (H * D +
  * 3 * d + 3 * F) elements (runtime/decode_layer.py allocates it).

@@ -58,7 +58,7 @@ INLINE void score_row(const void *fc_out, const void *step_b, const void *out_w,
 /* Returns 0; -1 when d or hidden is past MAX_DIM or MAX_HIDDEN, or scratch memory ran out. The norm and
  * the score run per row (over OpenMP threads in prompt-sized calls), fc as one call of linear_rows.c,
  * which reads its weight once for all rows (with AVX512-BF16, in bf16 pairs); one GEMV per row cost 28 us
- * on 8 rows (bf16, one Zen 4 CPU). Written out per element type, so that the type is a constant in
+ * on 8 rows (bf16, one Zen 5 CPU). Written out per element type, so that the type is a constant in
  * OpenMP's outlined bodies. */
 #define EXIT_SCORES(T, SUFFIX, BF16)                                                                                 \
     int exit_scores_##SUFFIX(const T *x, const T *norm_w, float eps, const T *fc_w, const T *fc_b, const T *step_b,  \

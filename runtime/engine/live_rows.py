@@ -2,8 +2,8 @@
 
 Exits are decided on the host: a decode step has a few dozen rows, and as torch ops the test and
 the bookkeeping after it cost about twenty dispatches a core step (a compare, a mask, any, nonzero,
-index_put, and boolean indexing of the rows, their inputs and queries), twice the ops of a step at
-full depth for the same model (bf16, batch 8, one Zen 4 CPU). In numpy they cost microseconds, and
+index_put, and boolean indexing of the rows, their inputs and queries): a budget-0.6 step ran 2934
+ATen ops against 1105 at full depth (SmolLM2, bf16, batch 8, one Zen 5 CPU). In numpy they cost microseconds, and
 the device sees one index tensor per step at which rows leave, reused by every later step.
 """
 
