@@ -53,9 +53,10 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 
-# The exit head's kernel runs one GEMV per row: against torch's two small GEMMs it won at 1-8 rows
+# The exit head's kernel first ran one GEMV per row: against torch's two small GEMMs it won at 1-8 rows
 # (32 against 86 us at 1 row, bf16, 2 threads, one AMX CPU), tied at 16 and lost at 300 (742 against
-# 227 us). So decode steps take it and prompt-sized calls keep torch's ops.
+# 227 us). So decode steps take it and prompt-sized calls keep torch's ops. Its fc now runs through
+# linear_rows.c (8 rows: 28 -> 15 us, one Zen 5 CPU); the cap is the one measured for the GEMV kernel.
 EXIT_HEAD_MAX_ROWS = 16
 
 
@@ -92,7 +93,7 @@ class ExitScorer:
                              out.numel(), self.d, self.hidden, torch.get_num_threads())
         if status != 0:
             raise ValueError(f"exit_scores: model width {self.d} or exit hidden {self.hidden} past the kernel's "
-                             f"8192 and 1024")
+                             f"8192 and 1024, or no memory for {x.numel() // self.d} rows")
         return out
 
 
