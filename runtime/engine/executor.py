@@ -284,7 +284,7 @@ class Executor:
             rows = all_rows if every else live.rows
             h_step, score = self._gate(self._take(h, rows, N), s, need_score=s >= first_priced_step and len(live) > 0)
             if len(live) and s >= first_exit_step:
-                stop = live.stops(bar, s, score, None if every else live.host)
+                stop = live.stops(bar, s, score, of_all_rows=every)
                 if stop.any():
                     live.leave(stop, s)
                     if not every:

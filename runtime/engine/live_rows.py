@@ -30,15 +30,15 @@ class LiveRows:
     def __len__(self) -> int:
         return len(self.host)
 
-    def stops(self, bar: np.ndarray, s: int, score: Tensor | None, scored_rows: np.ndarray | None) -> np.ndarray:
+    def stops(self, bar: np.ndarray, s: int, score: Tensor | None, of_all_rows: bool) -> np.ndarray:
         """Which live rows leave before step s: those at their cap (bar +inf) and those whose exit score
         is below their bar. bar (n, max_depth), the exit bars (executor `_exit_bars`); score: the scores
-        of scored_rows (all rows where None), or None where no row is priced at this step."""
+        of all rows (of_all_rows) or of the live rows, or None where no row is priced at this step."""
         bar_s = bar[self.host, s]
         stop = bar_s == np.inf
         if score is not None:
             scores = score.float().cpu().numpy()
-            stop |= (scores[self.host] if scored_rows is None else scores) < bar_s
+            stop |= (scores[self.host] if of_all_rows else scores) < bar_s
         return stop
 
     def leave(self, stop: np.ndarray, s: int) -> None:
