@@ -129,14 +129,22 @@ def slope_per_hour(t: list[float], y: list[float]) -> tuple[float, float]:
 
 
 def trends(samples: list[dict]) -> dict:
-    """Slope per hour (and its standard error) of every series over the second half of the run."""
+    """Slope per hour (and its standard error) of every series over the second half of the run; for
+    RSS also the fitted growth over that half per request answered in it. RSS moves in whole pages and
+    seldom shrinks, so a few pages the allocator keeps read as a slope "outside noise" beside a tiny
+    standard error; bytes per request say what such a slope would cost: an object left behind by
+    each request is at least tens of bytes a request."""
     late = samples[len(samples) // 2:]
+    requests = sum(late[-1].get(k, 0) - late[0].get(k, 0) for k in ("completed", "disconnected", "failed"))
+    span_h = (late[-1]["t_s"] - late[0]["t_s"]) / 3600 if late else 0.0
     out = {}
     for key in ("server_rss_mb", "core_rss_mb", "server_fds", "core_fds", "kv_cache_usage"):
         points = [(s["t_s"], s[key]) for s in late if s[key] is not None]
         slope, se = slope_per_hour([p[0] for p in points], [p[1] for p in points])
         out[key] = {"slope_per_hour": slope, "stderr_per_hour": se, "first": samples[0][key], "last": samples[-1][key],
                     "within_noise": bool(abs(slope) <= 3 * se) if not math.isnan(se) else None}
+        if key.endswith("rss_mb"):
+            out[key]["bytes_per_request"] = slope * span_h * 2**20 / requests if requests else None
     return out
 
 
@@ -157,7 +165,8 @@ async def run(args: argparse.Namespace, base: str, server_pid: int, core_pid: in
             samples.append({"t_s": time.monotonic() - t0, "server_rss_mb": server_rss and server_rss / 2**20,
                             "core_rss_mb": core_rss and core_rss / 2**20, "server_fds": server_fds, "core_fds": core_fds,
                             "kv_cache_usage": health["kv_cache_usage"], "running": health["num_running"],
-                            "completed": outcomes.get("ok", 0), "failed": len(errors)})
+                            "completed": outcomes.get("ok", 0), "disconnected": outcomes.get("disconnected", 0),
+                            "failed": len(errors)})
 
         async def request() -> None:
             outcome = await one_request(session, base, rng, rng.random() < args.disconnect_fraction)
@@ -202,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                "disconnect_fraction": args.disconnect_fraction}
     print(f"outcomes: {result['outcomes']}; KV usage at the end {result['kv_cache_usage_end']}")
     for key, t in result["trends"].items():
+        per_request = f", {t['bytes_per_request']:+.1f} B/request" if t.get("bytes_per_request") is not None else ""
         print(f"{key:>15}: {t['first']} -> {t['last']}, slope {t['slope_per_hour']:+.3f}/h "
-              f"(stderr {t['stderr_per_hour']:.3f}; within noise: {t['within_noise']})")
+              f"(stderr {t['stderr_per_hour']:.3f}; within noise: {t['within_noise']}){per_request}")
     write_results(args.out, result, lambda path: plot(result, path))
     return 0
 
