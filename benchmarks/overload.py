@@ -7,7 +7,9 @@ each send a streamed request, and the next as soon as one ends; after a 429 a cl
 `--pause-after-429` seconds (0.05 by default: a retry storm), or `retry-after`: as long as the
 response's Retry-After header says, as OpenAI's Python client does. It prints, per load: admitted
 requests/s and output tokens/s, the 429 rate and how fast a 429 comes back, and TTFT and ITL p99
-of the admitted requests, as ratios to their values at 1x; the peak RSS of both server processes;
+of the admitted requests, as ratios to their values at 1x, beside the server's own TTFT p99 (from
+request to first token within the server, its `/metrics` histogram) and its queue-time p99, which
+tell a wait in the server from one in the loopback or this client; the peak RSS of both server processes;
 and the CPU cores that the HTTP server, the engine core and this load generator used (all three
 share this machine's cores). Writes JSON and a PNG (results/overload.json by default).
 """
@@ -26,6 +28,7 @@ import aiohttp
 
 from benchmarks.harness import csv_of, percentile, pyplot, save_figure, write_results
 from benchmarks.soak import proc_stats, start_server_with
+from loadtests.server_metrics import histogram_quantile, parse
 from runtime.checkpoint import DEFAULT_MODEL
 
 
@@ -90,9 +93,15 @@ async def client(session: aiohttp.ClientSession, base: str, max_tokens: int, unt
                         "itl_s": [b - a for a, b in zip(stamps, stamps[1:])]})
 
 
+def scrape(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        return parse(r.read().decode())
+
+
 async def one_load(base: str, num_clients: int, args: argparse.Namespace, pids: list[int]) -> dict:
     log: list[dict] = []
     peak_rss = 0.0
+    before = scrape(base)
     cpu0 = [cpu_seconds(p) for p in pids] + [time.process_time()]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         start = time.monotonic()
@@ -105,6 +114,11 @@ async def one_load(base: str, num_clients: int, args: argparse.Namespace, pids: 
         await asyncio.gather(*tasks)
         wall = time.monotonic() - start
     cpu1 = [cpu_seconds(p) for p in pids] + [time.process_time()]
+    after = scrape(base)
+
+    def server_p99_ms(name: str) -> float | None:  # within the server, from its own histograms
+        q = histogram_quantile(before, after, name, 0.99)
+        return None if q is None else q * 1e3
     cores = {name: (b - a) / wall for name, a, b in zip(("server", "core", "load_generator"), cpu0, cpu1)}
     ok = [x for x in log if x["status"] == 200]
     refused = [x for x in log if x["status"] == 429]
@@ -118,6 +132,8 @@ async def one_load(base: str, num_clients: int, args: argparse.Namespace, pids: 
             "latency_429_ms_p99": percentile([x["latency_s"] * 1e3 for x in refused], 0.99) if refused else None,
             "ttft_ms_p99": percentile([t * 1e3 for t in ttft], 0.99) if ttft else None,
             "itl_ms_p99": percentile([t * 1e3 for t in itl], 0.99) if itl else None,
+            "server_ttft_ms_p99": server_p99_ms("ponder:time_to_first_token_seconds"),
+            "server_queue_ms_p99": server_p99_ms("ponder:request_queue_time_seconds"),
             "peak_rss_mb": peak_rss / 2**20, "cpu_cores_used": cores}
 
 
@@ -138,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capacity {args.max_num_seqs} running + {args.max_waiting} waiting, {args.seconds:g} s per load, "
           f"max_tokens {args.max_tokens}")
     print(f"{'load':>5} {'clients':>7} {'adm/s':>7} {'tok/s':>7} {'429 %':>6} {'429 p99 ms':>10} "
-          f"{'TTFT p99 ms':>11} {'x1x':>5} {'ITL p99 ms':>10} {'x1x':>5} {'RSS MiB':>8} {'errors':>6} "
+          f"{'TTFT p99 ms':>11} {'x1x':>5} {'in server':>9} {'queue':>5} {'ITL p99 ms':>10} {'x1x':>5} {'RSS MiB':>8} {'errors':>6} "
           f"{'cores: server':>13} {'core':>5} {'loadgen':>7}")
     for p in points:
         p["ttft_p99_vs_capacity"] = p["ttft_ms_p99"] / base_point["ttft_ms_p99"] if p["ttft_ms_p99"] else None
         p["itl_p99_vs_capacity"] = p["itl_ms_p99"] / base_point["itl_ms_p99"] if p["itl_ms_p99"] else None
         print(f"{p['load']:>5g} {p['clients']:>7} {p['admitted_per_s']:>7.1f} {p['output_tok_per_s']:>7.0f} "
               f"{100 * p['rate_429']:>6.1f} {p['latency_429_ms_p99'] or 0:>10.1f} {p['ttft_ms_p99'] or 0:>11.0f} "
-              f"{p['ttft_p99_vs_capacity'] or 0:>5.2f} {p['itl_ms_p99'] or 0:>10.1f} {p['itl_p99_vs_capacity'] or 0:>5.2f} "
+              f"{p['ttft_p99_vs_capacity'] or 0:>5.2f} {p['server_ttft_ms_p99'] or 0:>9.0f} "
+              f"{p['server_queue_ms_p99'] or 0:>5.0f} {p['itl_ms_p99'] or 0:>10.1f} {p['itl_p99_vs_capacity'] or 0:>5.2f} "
               f"{p['peak_rss_mb']:>8.0f} {p['other_errors']:>6} {p['cpu_cores_used']['server']:>13.2f} "
               f"{p['cpu_cores_used']['core']:>5.2f} {p['cpu_cores_used']['load_generator']:>7.2f}")
     result = {"model": args.model, "max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,

@@ -75,3 +75,24 @@ def server_figures(before: Samples, after: Samples) -> dict:
         "server_core_steps_full": full,
         "server_depth_histogram": hist,
     }
+
+
+def histogram_quantile(before: Samples, after: Samples, name: str, q: float) -> float | None:
+    """The q-quantile of a histogram's observations between two scrapes, interpolated within its
+    bucket as PromQL's histogram_quantile does (so no finer than the buckets); None without any."""
+    buckets: dict[float, float] = {}
+    for (n, labels), v in after.items():
+        if n == f"{name}_bucket":
+            le = float(dict(labels)["le"])
+            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, labels), 0.0)
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank, lower, below = q * buckets[bounds[-1]], 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if math.isinf(le):
+                return lower  # past the last finite bound: that bound is all a histogram can say
+            return lower + (le - lower) * (rank - below) / max(buckets[le] - below, 1e-12)
+        lower, below = le, buckets[le]
+    return lower

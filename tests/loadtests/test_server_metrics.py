@@ -2,7 +2,9 @@
 
 import pytest
 
-from loadtests.server_metrics import depth_histogram, gauge, parse, server_figures
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from loadtests.server_metrics import depth_histogram, gauge, histogram_quantile, parse, server_figures
 
 
 def exposition(depth_counts: list[int], steps_run: float, steps_full: float, kv: float = 0.25) -> str:
@@ -37,3 +39,23 @@ def test_a_server_without_ponder_metrics_gives_none():
     f = server_figures(parse(None), parse("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"))
     assert f["server_mean_depth"] is None and f["server_saved_fraction"] is None
     assert f["server_depth_histogram"] is None
+
+
+def test_histogram_quantile_between_scrapes_interpolates_within_the_bucket():
+    registry = CollectorRegistry()
+    ttft = Histogram("ponder:time_to_first_token_seconds", "ttft", ["model_name"], buckets=(0.1, 0.5, 1.0),
+                     registry=registry)
+    for _ in range(50):  # before the first scrape: left out of the figures
+        ttft.labels("m").observe(5.0)
+    before = parse(generate_latest(registry).decode())
+    for _ in range(90):
+        ttft.labels("m").observe(0.05)
+    for _ in range(10):
+        ttft.labels("m").observe(0.3)
+    after = parse(generate_latest(registry).decode())
+    name = "ponder:time_to_first_token_seconds"
+    assert histogram_quantile(before, after, name, 0.5) == pytest.approx(0.1 * 50 / 90)
+    assert histogram_quantile(before, after, name, 0.99) == pytest.approx(0.1 + 0.4 * 9 / 10)
+    ttft.labels("m").observe(7.0)  # past the last finite bucket: that bound is all one can say
+    assert histogram_quantile(before, parse(generate_latest(registry).decode()), name, 1.0) == 1.0
+    assert histogram_quantile(before, before, name, 0.99) is None
