@@ -180,6 +180,9 @@ def plot(points: list[dict], path) -> None:
     axes[1].plot(x, [100 * p["rate_429"] for p in points], marker="o")
     axes[1].set_ylabel("429 responses (%)")
     axes[2].plot(x, [p["ttft_ms_p99"] for p in points], marker="o", label="TTFT p99")
+    if all(p.get("server_ttft_ms_p99") for p in points):
+        axes[2].plot(x, [p["server_ttft_ms_p99"] for p in points], marker="o", linestyle="--",
+                     label="TTFT p99 within the server")
     axes[2].plot(x, [p["itl_ms_p99"] for p in points], marker="o", label="ITL p99")
     axes[2].set_ylabel("ms (admitted requests)")
     axes[2].set_yscale("log")
