@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capacity {args.max_num_seqs} running + {args.max_waiting} waiting, {args.seconds:g} s per load, "
           f"max_tokens {args.max_tokens}")
     print(f"{'load':>5} {'clients':>7} {'adm/s':>7} {'tok/s':>7} {'429 %':>6} {'429 p99 ms':>10} "
-          f"{'TTFT p99 ms':>11} {'x1x':>5} {'in server':>9} {'queue':>5} {'ITL p99 ms':>10} {'x1x':>5} {'RSS MiB':>8} {'errors':>6} "
+          f"{'TTFT p99 ms':>11} {'x1x':>5} {'in server':>9} {'queue':>5} {'ITL p99 ms':>10} {'x1x':>5} "
+          f"{'RSS MiB':>8} {'errors':>6} "
           f"{'cores: server':>13} {'core':>5} {'loadgen':>7}")
     for p in points:
         p["ttft_p99_vs_capacity"] = p["ttft_ms_p99"] / base_point["ttft_ms_p99"] if p["ttft_ms_p99"] else None
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p['load']:>5g} {p['clients']:>7} {p['admitted_per_s']:>7.1f} {p['output_tok_per_s']:>7.0f} "
               f"{100 * p['rate_429']:>6.1f} {p['latency_429_ms_p99'] or 0:>10.1f} {p['ttft_ms_p99'] or 0:>11.0f} "
               f"{p['ttft_p99_vs_capacity'] or 0:>5.2f} {p['server_ttft_ms_p99'] or 0:>9.0f} "
-              f"{p['server_queue_ms_p99'] or 0:>5.0f} {p['itl_ms_p99'] or 0:>10.1f} {p['itl_p99_vs_capacity'] or 0:>5.2f} "
+              f"{p['server_queue_ms_p99'] or 0:>5.0f} {p['itl_ms_p99'] or 0:>10.1f} "
+              f"{p['itl_p99_vs_capacity'] or 0:>5.2f} "
               f"{p['peak_rss_mb']:>8.0f} {p['other_errors']:>6} {p['cpu_cores_used']['server']:>13.2f} "
               f"{p['cpu_cores_used']['core']:>5.2f} {p['cpu_cores_used']['load_generator']:>7.2f}")
     result = {"model": args.model, "max_num_seqs": args.max_num_seqs, "max_waiting": args.max_waiting,

@@ -39,13 +39,19 @@ def gauge(samples: Samples, name: str) -> float | None:
     return total(samples, name)
 
 
+def bucket_deltas(before: Samples, after: Samples, name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts (le -> count) gained between two scrapes, labels summed."""
+    buckets: dict[float, float] = {}
+    for (n, labels), v in after.items():
+        if n == f"{name}_bucket":
+            le = float(dict(labels)["le"])
+            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, labels), 0.0)
+    return buckets
+
+
 def depth_histogram(before: Samples, after: Samples) -> dict[int, int] | None:
     """Generated tokens per exit depth between two scrapes ({depth: count}), or None."""
-    buckets: dict[float, float] = {}
-    for (name, labels), v in after.items():
-        if name == f"{DEPTH}_bucket":
-            le = float(dict(labels)["le"])
-            buckets[le] = buckets.get(le, 0.0) + v - before.get((name, labels), 0.0)
+    buckets = bucket_deltas(before, after, DEPTH)
     if not buckets:
         return None
     hist, below = {}, 0.0
@@ -80,11 +86,7 @@ def server_figures(before: Samples, after: Samples) -> dict:
 def histogram_quantile(before: Samples, after: Samples, name: str, q: float) -> float | None:
     """The q-quantile of a histogram's observations between two scrapes, interpolated within its
     bucket as PromQL's histogram_quantile does (so no finer than the buckets); None without any."""
-    buckets: dict[float, float] = {}
-    for (n, labels), v in after.items():
-        if n == f"{name}_bucket":
-            le = float(dict(labels)["le"])
-            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, labels), 0.0)
+    buckets = bucket_deltas(before, after, name)
     bounds = sorted(buckets)
     if not bounds or buckets[bounds[-1]] <= 0:
         return None
